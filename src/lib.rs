@@ -1,0 +1,1 @@
+//! Tessera: autoregressive text-to-image generation with the Emu3 architecture.
