@@ -1,1 +1,3 @@
 //! Tessera: autoregressive text-to-image generation with the Emu3 architecture.
+pub mod world;
+pub mod judge;
