@@ -9,11 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use rayon::prelude::*;
 
 use tessera::judge;
-use tessera::world::{self, Category, EditKind, Format, SampleOptions, Task};
-
-/// The seed of `eval/bench.jsonl`. Training runs must use other seeds (and the generator refuses
-/// benchmark prompts whatever the seed).
-pub const BENCH_SEED: u64 = 20_260_101;
+use tessera::world::{self, BENCH_SEED, Category, EditKind, Format, SampleOptions, Task};
 
 #[derive(Debug, Args)]
 pub struct WorldArgs {

@@ -120,31 +120,36 @@ pub(crate) fn fit(
     }
     let (bw, bh) = ((x1 - x0) as f32, (y1 - y0) as f32);
     let (cx, cy) = ((x0 + x1) as f32 / 2.0, (y0 + y1) as f32 / 2.0);
-    let mut cov = vec![0.0f32; matte.w * matte.h];
-    let mut tmp = Vec::new();
-    let mut row = Vec::new();
-    let mut score = |shape: Shape, f: f32, sigma: f32| -> (f32, f32) {
+    let n = matte.w * matte.h;
+    let (mut base, mut cov, mut tmp, mut row) = (vec![0.0f32; n], vec![0.0f32; n], Vec::new(), Vec::new());
+    // Render `shape` at scale factor `f`, then score it under each blur: (sigma, IoU, error).
+    let mut score = |shape: Shape, f: f32, sigmas: &[f32]| -> Vec<(f32, f32, f32)> {
         let (aw, ah) = shapes::aspect(shape);
         let s = (bw / aw).max(bh / ah) * f;
-        cov.iter_mut().for_each(|c| *c = 0.0);
+        base.iter_mut().for_each(|c| *c = 0.0);
         let poly = shapes::place(shape, cx, cy, s);
         shapes::rasterize(&poly, matte.w as u32, matte.h as u32, &mut row, |x, y, c| {
-            cov[y as usize * matte.w + x as usize] = c;
+            base[y as usize * matte.w + x as usize] = c;
         });
-        if sigma > 0.0 {
-            blur(&mut cov, &mut tmp, matte.w, matte.h, sigma);
-        }
-        (soft_iou(&matte.alpha, &cov), ssd(&matte.alpha, &cov))
+        sigmas
+            .iter()
+            .map(|&sigma| {
+                cov.copy_from_slice(&base);
+                if sigma > 0.0 {
+                    blur(&mut cov, &mut tmp, matte.w, matte.h, sigma);
+                }
+                (sigma, soft_iou(&matte.alpha, &cov), ssd(&matte.alpha, &cov))
+            })
+            .collect()
     };
-    // Coarse pass on every outline, then scales and blurs on the four best. The criterion is the
+    // Coarse pass on every outline, then scales and blurs on the three best. The criterion is the
     // squared error (it only counts the pixels where two outlines disagree); IoU is reported.
-    let mut coarse: Vec<(Shape, f32)> = Shape::ALL.iter().map(|&s| (s, score(s, 1.0, 0.0).1)).collect();
+    let mut coarse: Vec<(Shape, f32)> = Shape::ALL.iter().map(|&s| (s, score(s, 1.0, &[0.0])[0].2)).collect();
     coarse.sort_by(|a, b| a.1.total_cmp(&b.1));
     let mut best: Option<(Shape, f32, f32, f32)> = None;
-    for &(shape, _) in &coarse[..4] {
+    for &(shape, _) in &coarse[..3] {
         for f in [0.95, 1.0, 1.05, 1.1] {
-            for sigma in [0.0, 0.8, 1.3, 1.9] {
-                let (iou, err) = score(shape, f, sigma);
+            for (_, iou, err) in score(shape, f, &[0.0, 1.0, 1.8]) {
                 if best.is_none_or(|b| err < b.3) {
                     best = Some((shape, iou, f, err));
                 }
@@ -292,34 +297,29 @@ fn soft_iou(a: &[f32], b: &[f32]) -> f32 {
 
 /// Separable Gaussian blur of a `w` x `h` grid (zero outside).
 pub(crate) fn blur(grid: &mut [f32], tmp: &mut Vec<f32>, w: usize, h: usize, sigma: f32) {
-    let r = (2.5 * sigma).ceil() as isize;
-    let kernel: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let r = (2.5 * sigma).ceil() as usize;
+    let kernel: Vec<f32> = (0..=2 * r).map(|i| (-((i as f32 - r as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
     let sum: f32 = kernel.iter().sum();
     let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
     tmp.clear();
     tmp.resize(w * h, 0.0);
+    // Output x takes inputs x - r ..= x + r, clipped to the grid.
+    let taps = |x: usize, len: usize| (x.saturating_sub(r), (x + r).min(len - 1), r + x.saturating_sub(r) - x);
     for y in 0..h {
+        let src = &grid[y * w..(y + 1) * w];
         for x in 0..w {
-            let mut acc = 0.0;
-            for (j, k) in kernel.iter().enumerate() {
-                let xx = x as isize + j as isize - r;
-                if xx >= 0 && (xx as usize) < w {
-                    acc += k * grid[y * w + xx as usize];
-                }
-            }
-            tmp[y * w + x] = acc;
+            let (a, b, k0) = taps(x, w);
+            tmp[y * w + x] = src[a..=b].iter().zip(&kernel[k0..]).map(|(v, k)| v * k).sum();
         }
     }
     for y in 0..h {
-        for x in 0..w {
-            let mut acc = 0.0;
-            for (j, k) in kernel.iter().enumerate() {
-                let yy = y as isize + j as isize - r;
-                if yy >= 0 && (yy as usize) < h {
-                    acc += k * tmp[yy as usize * w + x];
-                }
+        let (a, b, k0) = taps(y, h);
+        let out = &mut grid[y * w..(y + 1) * w];
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for (yy, k) in (a..=b).zip(&kernel[k0..]) {
+            for (o, v) in out.iter_mut().zip(&tmp[yy * w..(yy + 1) * w]) {
+                *o += k * v;
             }
-            grid[y * w + x] = acc;
         }
     }
 }

@@ -295,8 +295,8 @@ fn background(rng: &mut Rng, w: u32, h: u32) -> Option<EditDraft> {
 }
 
 fn text(rng: &mut Rng, w: u32, h: u32) -> Option<EditDraft> {
-    let old = random_word(rng);
-    let new = random_word(rng);
+    let old = random_word(rng, w, h);
+    let new = random_word(rng, w, h);
     if old == new {
         return None;
     }

@@ -33,6 +33,10 @@ pub use spec::{
 };
 pub use writer::{Format, Stats, bench, write_samples};
 
+/// The seed of `eval/bench.jsonl` (`tessera world bench`). Training data may use any seed: the
+/// generator refuses benchmark prompts whatever the seed.
+pub const BENCH_SEED: u64 = 20_260_101;
+
 /// Smallest and largest supported image side.
 pub const MIN_SIDE: u32 = 64;
 pub const MAX_SIDE: u32 = 4096;
@@ -158,7 +162,8 @@ impl Sample {
         if !side.contains(&self.width) || !side.contains(&self.height) {
             return Err(format!("size {}x{} is outside {MIN_SIDE}..={MAX_SIDE}", self.width, self.height));
         }
-        let missing = |f: &str| Err(format!("sample `{}` ({:?}) has no `{f}`", self.id, self.task));
+        let task = if self.task == Task::T2i { "t2i" } else { "edit" };
+        let missing = |f: &str| Err(format!("{task} sample `{}` has no `{f}`", self.id));
         match self.task {
             Task::T2i if self.caption.is_none() => missing("caption"),
             Task::T2i if self.image.is_none() => missing("image"),

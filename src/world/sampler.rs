@@ -194,15 +194,17 @@ pub fn sample_t2i(rng: &mut Rng, category: Category, w: u32, h: u32) -> Result<D
 }
 
 /// Finish a draft: pick a background and (sometimes) name it in the caption.
+/// The words of a caption before framing, what kind of phrase they are, and how often to name
+/// the background.
+struct Content<'a>(&'a str, Phrase, f64);
+
 fn finish(
     rng: &mut Rng,
     lay: &Layout,
     objects: Vec<Object>,
     sign: Option<Sign>,
     mut claims: Claims,
-    content: &str,
-    kind: Phrase,
-    p_bg: f64,
+    Content(content, kind, p_bg): Content,
 ) -> Option<Draft> {
     let mut colors: Vec<Color> = objects.iter().map(|o| o.color).collect();
     colors.extend(sign.as_ref().map(|s| s.color));
@@ -234,7 +236,7 @@ fn single_object(rng: &mut Rng, w: u32, h: u32, colors: bool) -> Option<Draft> {
     };
     let (np, claim) = caption::noun_phrase(rng, &obj, m);
     let claims = Claims { objects: vec![claim], ..Claims::default() };
-    finish(rng, &lay, vec![obj], None, claims, &np, Phrase::Singular, 0.25)
+    finish(rng, &lay, vec![obj], None, claims, Content(&np, Phrase::Singular, 0.25))
 }
 
 /// Two objects of different shapes in different cells. With `attr`, the colours differ and
@@ -263,7 +265,7 @@ fn two_objects(rng: &mut Rng, w: u32, h: u32, attr: bool) -> Option<Draft> {
         format!("{np1}{joiner}{np2}")
     };
     let claims = Claims { objects: vec![cl1, cl2], ..Claims::default() };
-    finish(rng, &lay, vec![a, b], None, claims, &content, Phrase::Singular, 0.2)
+    finish(rng, &lay, vec![a, b], None, claims, Content(&content, Phrase::Singular, 0.2))
 }
 
 fn two_cells(rng: &mut Rng) -> (Cell, Cell) {
@@ -320,7 +322,7 @@ fn counting(rng: &mut Rng, w: u32, h: u32) -> Option<Draft> {
         _ if n > 1 => (np, Phrase::Plural),
         _ => (np, Phrase::Singular),
     };
-    finish(rng, &lay, objects, None, claims, &content, kind, 0.2)
+    finish(rng, &lay, objects, None, claims, Content(&content, kind, 0.2))
 }
 
 fn position(rng: &mut Rng, w: u32, h: u32) -> Option<Draft> {
@@ -362,7 +364,7 @@ fn position(rng: &mut Rng, w: u32, h: u32) -> Option<Draft> {
         relations: vec![Relation { subject: 0, relation: rel, object: 1 }],
         ..Claims::default()
     };
-    finish(rng, &lay, vec![a, b], None, claims, &content, kind, 0.15)
+    finish(rng, &lay, vec![a, b], None, claims, Content(&content, kind, 0.15))
 }
 
 /// "a red circle" -> "the red circle"
@@ -382,11 +384,14 @@ const WORDS: &[&str] = &[
     "42", "7", "100", "2024", "911", "404", "A1", "B52", "24", "99", "365", "R2D2", "X", "Z", "OK", "WOW",
 ];
 
-pub(crate) fn random_word(rng: &mut Rng) -> String {
+/// A word for a sign that fits a `w` x `h` image.
+pub(crate) fn random_word(rng: &mut Rng, w: u32, h: u32) -> String {
+    let max = super::render::max_word_len(w, h);
     if rng.random_bool(0.6) {
-        pick(rng, WORDS).to_string()
+        let fitting: Vec<&str> = WORDS.iter().copied().filter(|x| x.len() <= max).collect();
+        pick(rng, &fitting).to_string()
     } else {
-        let n = rng.random_range(1..=6);
+        let n = rng.random_range(1..=max);
         let chars: Vec<char> = super::font::CHARSET.chars().collect();
         (0..n).map(|_| pick(rng, &chars)).collect()
     }
@@ -411,7 +416,7 @@ pub(crate) fn sign_box(sign: &Sign, w: u32, h: u32) -> [f32; 4] {
 }
 
 fn text(rng: &mut Rng, w: u32, h: u32) -> Option<Draft> {
-    let word = random_word(rng);
+    let word = random_word(rng, w, h);
     let sign = random_sign(rng, word.clone());
     let mention_color = rng.random_bool(0.6);
     let thing = pick(rng, &["sign", "sign", "sign", "poster", "board", "placard"]);
@@ -432,7 +437,7 @@ fn text(rng: &mut Rng, w: u32, h: u32) -> Option<Draft> {
         text: Some(TextClaim { word, color: mention_color.then_some(sign.color) }),
         ..Claims::default()
     };
-    finish(rng, &Layout::new(w, h), vec![], Some(sign), claims, &content, Phrase::Singular, 0.2)
+    finish(rng, &Layout::new(w, h), vec![], Some(sign), claims, Content(&content, Phrase::Singular, 0.2))
 }
 
 /// The general category: 1-4 objects with distinct (shape, colour), described in full or in
@@ -481,5 +486,5 @@ fn general(rng: &mut Rng, w: u32, h: u32) -> Option<Draft> {
             }
         }
     };
-    finish(rng, &lay, objects, None, claims, &content, Phrase::Singular, 0.5)
+    finish(rng, &lay, objects, None, claims, Content(&content, Phrase::Singular, 0.5))
 }

@@ -379,3 +379,15 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edit: Option<EditSpec>,
 }
+
+impl AsRef<Scene> for Scene {
+    fn as_ref(&self) -> &Scene {
+        self
+    }
+}
+
+impl AsRef<Scene> for Spec {
+    fn as_ref(&self) -> &Scene {
+        &self.scene
+    }
+}

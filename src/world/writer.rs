@@ -62,7 +62,9 @@ pub fn write_samples(opts: &SampleOptions, count: u64, out: &Path, format: Forma
     let mut start = 0;
     while start < count {
         let end = (start + CHUNK).min(count);
-        let results: Vec<Result<(String, Vec<RgbImage>, u64), WorldError>> = (start..end)
+        // (JSON line, images for the raw shard, number of images)
+        type Written = (String, Vec<RgbImage>, u64);
+        let results: Vec<Result<Written, WorldError>> = (start..end)
             .into_par_iter()
             .map(|i| {
                 let sample = generate(opts, i)?;
