@@ -2,7 +2,13 @@
 
 pub mod config;
 pub mod error;
+pub mod text;
 pub mod vq;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub mod generate;
+pub mod sampler;
+pub mod tokens;
+pub mod image_io;
+pub mod model;
