@@ -12,3 +12,5 @@ pub mod sampler;
 pub mod tokens;
 pub mod image_io;
 pub mod model;
+pub mod pipeline;
+pub mod metadata;

@@ -1,5 +1,9 @@
 //! Command-line interface: one file per subcommand, each with its clap `Args` and a `run`.
 
+mod common;
+mod generate;
+mod progress;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -12,8 +16,13 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Draw an image from a text prompt.
+    Gen(generate::GenArgs),
+}
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {}
+    match cli.command {
+        Command::Gen(args) => generate::run(args),
+    }
 }
