@@ -69,7 +69,7 @@ impl Decoder {
             .collect::<Result<Vec<_>>>()?;
         let time_conv = (0..cfg.temporal_layers())
             .map(|n| {
-                let conv = CausalConv3d::new(z, z, (3, 3, 3), (1, 1, 1), vb.pp("time_conv").pp(n))?;
+                let conv = CausalConv3d::new(z, z, (3, 3, 3), (1, 1, 1), vb.pp("time_conv").pp(n).pp("conv"))?;
                 Ok(TemporalUpsample { conv })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -121,7 +121,7 @@ impl Encoder {
         let top = c * mult[mult.len() - 1];
         let z = cfg.latent_channels;
         let time_conv = (0..cfg.temporal_layers())
-            .map(|n| CausalConv3d::new(z, z, (4, 3, 3), (2, 1, 1), vb.pp("time_conv").pp(n)))
+            .map(|n| CausalConv3d::new(z, z, (4, 3, 3), (2, 1, 1), vb.pp("time_conv").pp(n).pp("conv")))
             .collect::<Result<Vec<_>>>()?;
         let time_res_stack = (0..cfg.num_res_blocks)
             .map(|r| TemporalResnetBlock::new(z, z, vb.pp("time_res_stack").pp(r)))
