@@ -110,3 +110,124 @@ pub fn check_prompt(prompt: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// How an edit uses its source image.
+#[derive(Debug, Clone)]
+pub enum EditMode {
+    /// Instruction editing: the model reads the source block and the instruction and writes
+    /// the edited image (models trained for it).
+    Instruction,
+    /// Regenerate the cells where the mask is set (true), under the text prompt; keep the rest.
+    Mask(Vec<bool>),
+    /// Keep the top `k` token rows, continue the rest under the text prompt.
+    KeepRows(usize),
+}
+
+/// An edit request on an image already resized to the model's grid.
+#[derive(Debug, Clone)]
+pub struct EditRequest {
+    /// The instruction (Instruction mode) or the text prompt (Mask, KeepRows).
+    pub prompt: String,
+    pub negative: Option<String>,
+    pub source: RgbImage,
+    pub mode: EditMode,
+    pub params: SamplingParams,
+    pub seed: u64,
+}
+
+impl Model {
+    /// Whether the checkpoint was trained for instruction edits (Tessera's metadata says so).
+    pub fn supports_instruction_edits(&self) -> bool {
+        self.config.tessera.as_ref().is_some_and(|t| t.edit_layout.is_some())
+    }
+
+    /// The pixel size an edit source is resized to: `size` if given, else the trained grid
+    /// whose aspect ratio is closest to the image's, else the image rounded to the VQ factor.
+    pub fn edit_size(&self, img_w: u32, img_h: u32, size: Option<(u32, u32)>) -> Result<(u32, u32)> {
+        if let Some((w, h)) = size {
+            self.grid_for(w, h)?;
+            return Ok((w, h));
+        }
+        let s = self.spatial_factor() as u32;
+        let aspect = img_w as f64 / img_h.max(1) as f64;
+        let best = self.trained_grids().into_iter().min_by(|a, b| {
+            let da = ((a.1 as f64 / a.0 as f64).ln() - aspect.ln()).abs();
+            let db = ((b.1 as f64 / b.0 as f64).ln() - aspect.ln()).abs();
+            da.total_cmp(&db)
+        });
+        Ok(match best {
+            Some((h, w)) => (w as u32 * s, h as u32 * s),
+            None => ((img_w / s).max(1) * s, (img_h / s).max(1) * s),
+        })
+    }
+
+    pub fn edit_job(&self, req: &EditRequest) -> Result<ImageJob> {
+        check_prompt(&req.prompt)?;
+        let (w, h) = req.source.dimensions();
+        let (gh, gw) = self.grid_for(w, h)?;
+        let (_, _, codes) = self.encode_image(&req.source)?;
+        let negative = req.negative.clone().unwrap_or_else(|| match req.mode {
+            EditMode::Instruction => String::new(),
+            _ => self.unconditional_prompt(),
+        });
+        let job = |prompt: Vec<u32>, negative: Vec<u32>, forced: Option<Vec<Option<u32>>>| ImageJob {
+            prompt,
+            negative,
+            grid: (gh, gw),
+            forced,
+            params: req.params,
+            seed: req.seed,
+        };
+        Ok(match &req.mode {
+            EditMode::Instruction => {
+                if !self.supports_instruction_edits() {
+                    return Err(Error::Invalid(
+                        "this model was not trained for instruction edits; use --mask or --keep-rows with a text prompt".into(),
+                    ));
+                }
+                let p = &self.prompter;
+                job(
+                    p.edit_prompt(&codes, gh, gw, &req.prompt)?,
+                    p.edit_prompt(&codes, gh, gw, &negative)?,
+                    None,
+                )
+            }
+            EditMode::Mask(mask) => {
+                if mask.len() != gh * gw {
+                    return Err(Error::Invalid(format!("mask covers {} cells, the grid has {}", mask.len(), gh * gw)));
+                }
+                let forced = codes.iter().zip(mask).map(|(&c, &m)| (!m).then_some(c)).collect();
+                job(self.prompter.t2i_prompt(&req.prompt, gh, gw)?, self.prompter.t2i_prompt(&negative, gh, gw)?, Some(forced))
+            }
+            EditMode::KeepRows(k) => {
+                if *k > gh {
+                    return Err(Error::Invalid(format!("--keep-rows {k} exceeds the grid's {gh} rows")));
+                }
+                let forced = codes.iter().enumerate().map(|(i, &c)| (i / gw < *k).then_some(c)).collect();
+                job(self.prompter.t2i_prompt(&req.prompt, gh, gw)?, self.prompter.t2i_prompt(&negative, gh, gw)?, Some(forced))
+            }
+        })
+    }
+}
+
+/// A mask image -> one flag per token cell: a cell is regenerated when the mean brightness of
+/// its pixels (mask resized to the image) is at least half.
+pub fn mask_cells(mask: &RgbImage, width: u32, height: u32, grid: (usize, usize)) -> Vec<bool> {
+    let mask = crate::image_io::resize(mask, width, height);
+    let (gh, gw) = grid;
+    let (ch, cw) = (height as usize / gh, width as usize / gw);
+    let mut out = Vec::with_capacity(gh * gw);
+    for r in 0..gh {
+        for c in 0..gw {
+            let mut sum = 0u64;
+            for y in r * ch..(r + 1) * ch {
+                for x in c * cw..(c + 1) * cw {
+                    let p = mask.get_pixel(x as u32, y as u32);
+                    sum += (p[0] as u64 + p[1] as u64 + p[2] as u64) / 3;
+                }
+            }
+            out.push(sum * 2 >= 255 * (ch * cw) as u64);
+        }
+    }
+    out
+}

@@ -215,14 +215,9 @@ pub fn run(args: GenArgs) -> anyhow::Result<ExitCode> {
     if !quiet {
         eprintln!("seed: {seed}{}", if n > 1 { format!(" .. {}", seed.wrapping_add(n as u64 - 1)) } else { String::new() });
     }
-    let mut reporter = Reporter::new(&model, &jobs, &args.output_opts);
-    let t_gen = Instant::now();
-    let (images, _codes, stats) = model.run_jobs(&jobs, &mut |p| reporter.step(p))?;
-    reporter.finish();
-    let total_secs = t_gen.elapsed().as_secs_f64();
-    for (i, (img, req)) in images.iter().zip(&requests).enumerate() {
-        let path = numbered(&args.output, i, n);
-        let record = ImageRecord {
+    let records: Vec<ImageRecord> = requests
+        .iter()
+        .map(|req| ImageRecord {
             version: env!("CARGO_PKG_VERSION").into(),
             task: "t2i".into(),
             prompt: req.prompt.clone(),
@@ -237,21 +232,43 @@ pub fn run(args: GenArgs) -> anyhow::Result<ExitCode> {
             source_sha256: None,
             mask_sha256: None,
             keep_rows: None,
-        };
+        })
+        .collect();
+    render_and_save(&model, &jobs, &records, &args.output, &args.output_opts, load_secs)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the jobs with progress, then write each image with its record; print a line per image.
+pub fn render_and_save(
+    model: &Model,
+    jobs: &[tessera::generate::ImageJob],
+    records: &[ImageRecord],
+    output: &Path,
+    opts: &OutputArgs,
+    load_secs: f64,
+) -> anyhow::Result<()> {
+    let n = jobs.len();
+    let mut reporter = Reporter::new(model, jobs, opts);
+    let t_gen = Instant::now();
+    let (images, _codes, stats) = model.run_jobs(jobs, &mut |p| reporter.step(p))?;
+    reporter.finish();
+    let total_secs = t_gen.elapsed().as_secs_f64();
+    for (i, (img, record)) in images.iter().zip(records).enumerate() {
+        let path = numbered(output, i, n);
         record.save_png(&path, img).with_context(|| format!("writing {}", path.display()))?;
-        let tokens = stats.steps as f64 + 1.0;
-        if args.output_opts.json {
+        if opts.json {
             println!(
                 "{}",
                 serde_json::json!({
-                    "path": path, "seed": req.seed, "width": width, "height": height,
+                    "path": path, "seed": record.seed, "width": record.width, "height": record.height,
                     "load_secs": load_secs, "prefill_secs": stats.prefill_secs, "decode_secs": stats.decode_secs,
-                    "total_secs": total_secs, "tokens_per_sec": tokens * n as f64 / stats.decode_secs.max(1e-9),
+                    "total_secs": total_secs,
+                    "tokens_per_sec": (stats.steps as f64 + 1.0) * n as f64 / stats.decode_secs.max(1e-9),
                 })
             );
-        } else if !quiet {
-            eprintln!("wrote {} (seed {})", path.display(), req.seed);
+        } else if !opts.quiet {
+            eprintln!("wrote {} (seed {})", path.display(), record.seed);
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

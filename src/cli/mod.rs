@@ -1,6 +1,7 @@
 //! Command-line interface: one file per subcommand, each with its clap `Args` and a `run`.
 
 mod common;
+mod edit;
 mod generate;
 mod progress;
 
@@ -19,10 +20,13 @@ pub struct Cli {
 pub enum Command {
     /// Draw an image from a text prompt.
     Gen(generate::GenArgs),
+    /// Edit an image: by instruction, inside a mask, or below its top rows.
+    Edit(edit::EditArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Gen(args) => generate::run(args),
+        Command::Edit(args) => edit::run(args),
     }
 }
