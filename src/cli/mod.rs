@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand, each with its clap `Args` and a `run`.
 
+mod batch;
 mod common;
 mod edit;
 mod generate;
@@ -22,11 +23,14 @@ pub enum Command {
     Gen(generate::GenArgs),
     /// Edit an image: by instruction, inside a mask, or below its top rows.
     Edit(edit::EditArgs),
+    /// Render a file of prompts (text or JSONL) with one loaded model; resumable and shardable.
+    Batch(batch::BatchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Gen(args) => generate::run(args),
         Command::Edit(args) => edit::run(args),
+        Command::Batch(args) => batch::run(args),
     }
 }
