@@ -4,6 +4,7 @@ mod batch;
 mod common;
 mod edit;
 mod generate;
+mod inspect;
 mod progress;
 
 use std::process::ExitCode;
@@ -25,6 +26,12 @@ pub enum Command {
     Edit(edit::EditArgs),
     /// Render a file of prompts (text or JSONL) with one loaded model; resumable and shardable.
     Batch(batch::BatchArgs),
+    /// Describe a model: family, sizes, parameters, tokenizer.
+    Info(inspect::InfoArgs),
+    /// Print an image's VQ code grid as JSON.
+    Tokenize(inspect::TokenizeArgs),
+    /// Run an image through the VQ round trip and print the PSNR.
+    Reconstruct(inspect::ReconstructArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -32,5 +39,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gen(args) => generate::run(args),
         Command::Edit(args) => edit::run(args),
         Command::Batch(args) => batch::run(args),
+        Command::Info(args) => inspect::info(args),
+        Command::Tokenize(args) => inspect::tokenize(args),
+        Command::Reconstruct(args) => inspect::reconstruct(args),
     }
 }
