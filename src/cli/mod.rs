@@ -1,7 +1,13 @@
 //! Command-line interface: one file per subcommand, each with its clap `Args` and a `run`.
 
-pub mod eval;
-pub mod world;
+mod batch;
+mod common;
+mod edit;
+mod eval;
+mod generate;
+mod inspect;
+mod progress;
+mod world;
 
 use std::process::ExitCode;
 
@@ -16,6 +22,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Draw an image from a text prompt.
+    Gen(generate::GenArgs),
+    /// Edit an image: by instruction, inside a mask, or below its top rows.
+    Edit(edit::EditArgs),
+    /// Render a file of prompts (text or JSONL) with one loaded model; resumable and shardable.
+    Batch(batch::BatchArgs),
+    /// Describe a model: family, sizes, parameters, tokenizer.
+    Info(inspect::InfoArgs),
+    /// Print an image's VQ code grid as JSON.
+    Tokenize(inspect::TokenizeArgs),
+    /// Run an image through the VQ round trip and print the PSNR.
+    Reconstruct(inspect::ReconstructArgs),
     /// The procedural world: training samples, the benchmark, rendering.
     World(world::WorldArgs),
     /// Score images against a bench file with the judge.
@@ -24,6 +42,12 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Gen(args) => generate::run(args),
+        Command::Edit(args) => edit::run(args),
+        Command::Batch(args) => batch::run(args),
+        Command::Info(args) => inspect::info(args),
+        Command::Tokenize(args) => inspect::tokenize(args),
+        Command::Reconstruct(args) => inspect::reconstruct(args),
         Command::World(args) => world::run(args),
         Command::Eval(args) => eval::run(args),
     }

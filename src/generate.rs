@@ -1,0 +1,201 @@
+//! The decode loop: one for text-to-image, edits, masked regeneration and batches.
+//!
+//! Every job of a call shares a token grid. The conditional rows of all jobs and the
+//! unconditional rows of the guided ones go through the model together, left-padded to one
+//! length. At each offset of the image block the prefix constraint either forces a token
+//! (EOL, EOF, EOV, EOS), or the job forces a known code (edit masks, kept rows), or the
+//! sampler draws a visual token; an unconditional row is fed the token its job took.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::text::Emu3TextModel;
+use crate::tokens::{Slot, Vocabulary, block_len, slot};
+
+/// One image to generate.
+#[derive(Debug, Clone)]
+pub struct ImageJob {
+    /// Conditional prompt ids, ending with SOT.
+    pub prompt: Vec<u32>,
+    /// Unconditional (negative) prompt ids, ending with SOT; used when guidance is on.
+    pub negative: Vec<u32>,
+    /// Token grid (height, width).
+    pub grid: (usize, usize),
+    /// Codes to force, row-major `h*w`: `Some(code)` is kept, `None` is sampled.
+    pub forced: Option<Vec<Option<u32>>>,
+    pub params: SamplingParams,
+    pub seed: u64,
+}
+
+/// What one job produced.
+#[derive(Debug, Clone)]
+pub struct ImageTokens {
+    /// The code grid, row-major `h*w`.
+    pub codes: Vec<u32>,
+    /// Every token after SOT, EOS included.
+    pub tokens: Vec<u32>,
+}
+
+/// Timings of one call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeStats {
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    /// Model forward steps after the prefill.
+    pub steps: usize,
+}
+
+/// Reported after every step.
+pub struct Progress<'a> {
+    pub step: usize,
+    pub total: usize,
+    /// Complete token rows so far.
+    pub rows_done: usize,
+    /// Codes so far for each job (row-major, partial).
+    pub codes: &'a [Vec<u32>],
+}
+
+/// Run the decode loop for `jobs` (all with the same grid).
+pub fn generate(
+    model: &Emu3TextModel,
+    vocab: &Vocabulary,
+    jobs: &[ImageJob],
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<ImageTokens>, DecodeStats)> {
+    let Some(first) = jobs.first() else { return Ok((Vec::new(), DecodeStats::default())) };
+    let (h, w) = first.grid;
+    if h == 0 || w == 0 {
+        return Err(Error::Invalid(format!("empty token grid {h}x{w}")));
+    }
+    if let Some(j) = jobs.iter().find(|j| j.grid != (h, w)) {
+        return Err(Error::Invalid(format!("jobs of one batch must share a grid: {:?} and {:?}", (h, w), j.grid)));
+    }
+    let k = vocab.codebook_size();
+    for job in jobs {
+        if let Some(f) = &job.forced {
+            if f.len() != h * w {
+                return Err(Error::Invalid(format!("forced codes cover {} cells, the grid has {}", f.len(), h * w)));
+            }
+            if let Some(c) = f.iter().flatten().find(|&&c| c as usize >= k) {
+                return Err(Error::Invalid(format!("forced code {c} is outside the codebook of {k}")));
+            }
+        }
+    }
+
+    // Rows: the conditional prompt of every job, then the negatives of the guided jobs.
+    let mut prompts: Vec<&[u32]> = jobs.iter().map(|j| j.prompt.as_slice()).collect();
+    let mut uncond_row = vec![None; jobs.len()];
+    for (i, job) in jobs.iter().enumerate() {
+        if job.params.uses_guidance() {
+            uncond_row[i] = Some(prompts.len());
+            prompts.push(&job.negative);
+        }
+    }
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    if longest == 0 {
+        return Err(Error::Invalid("empty prompt ids".into()));
+    }
+    let n_rows = prompts.len();
+    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let mut ids = Vec::with_capacity(n_rows * longest);
+    for (p, &np) in prompts.iter().zip(&pad) {
+        ids.extend(std::iter::repeat_n(vocab.pad, np));
+        ids.extend_from_slice(p);
+    }
+    let dev = model.device();
+    let total = block_len(h, w);
+    let mut cache = model.new_cache(pad, longest + total);
+    let head = model.head_rows(vocab.visual_ids())?;
+
+    let t0 = Instant::now();
+    let input = Tensor::from_vec(ids, (n_rows, longest), dev)?;
+    let hidden = model.forward_hidden(&input, &mut cache)?;
+    let mut last = hidden.narrow(1, longest - 1, 1)?;
+    let mut stats = DecodeStats { prompt_tokens: longest, ..Default::default() };
+    stats.prefill_secs = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let mut samplers: Vec<Sampler> = jobs.iter().map(|j| Sampler::new(j.params, j.seed)).collect();
+    let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(h * w); jobs.len()];
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::with_capacity(total); jobs.len()];
+    let mut guided = Vec::with_capacity(k);
+    let last_cell = (w + 1) * h - 1;
+    for o in 1..=total {
+        let slot = slot(vocab, o, h, w);
+        let mut step_tokens = vec![vocab.pad; n_rows];
+        match slot {
+            Slot::Forced(t) => {
+                for (i, toks) in tokens.iter_mut().enumerate() {
+                    toks.push(t);
+                    step_tokens[i] = t;
+                }
+            }
+            Slot::Cell { row, col } => {
+                let cell = row * w + col;
+                let needs_logits = jobs.iter().any(|j| forced_code(j, cell).is_none());
+                let logits: Option<Vec<Vec<f32>>> = if needs_logits {
+                    Some(head.forward_rows(&last)?)
+                } else {
+                    None
+                };
+                for (i, job) in jobs.iter().enumerate() {
+                    let code = match (forced_code(job, cell), &logits) {
+                        (Some(c), _) => c,
+                        (None, Some(l)) => {
+                            let uncond = uncond_row[i].map(|r| l[r].as_slice());
+                            samplers[i].guide(&l[i], uncond, &mut guided);
+                            samplers[i].sample(&guided) as u32
+                        }
+                        (None, None) => unreachable!("logits are computed when a cell is sampled"),
+                    };
+                    codes[i].push(code);
+                    let t = vocab.code_id(code);
+                    tokens[i].push(t);
+                    step_tokens[i] = t;
+                }
+            }
+        }
+        for (i, r) in uncond_row.iter().enumerate() {
+            if let Some(r) = r {
+                step_tokens[*r] = step_tokens[i];
+            }
+        }
+        let rows_done = (o / (w + 1)).min(h);
+        on_step(&Progress { step: o, total, rows_done, codes: &codes });
+        // Tokens after the last cell are all forced: no need to run the model for them.
+        if o <= last_cell {
+            let input = Tensor::from_vec(step_tokens, (n_rows, 1), dev)?;
+            last = model.forward_hidden(&input, &mut cache)?;
+            stats.steps += 1;
+        }
+    }
+    stats.decode_secs = t1.elapsed().as_secs_f64();
+    let out = codes.into_iter().zip(tokens).map(|(codes, tokens)| ImageTokens { codes, tokens }).collect();
+    Ok((out, stats))
+}
+
+fn forced_code(job: &ImageJob, cell: usize) -> Option<u32> {
+    job.forced.as_ref().and_then(|f| f[cell])
+}
+
+/// The LM head restricted to some token rows (the visual tokens).
+pub struct HeadRows {
+    weight: Tensor,
+}
+
+impl HeadRows {
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight }
+    }
+
+    /// hidden `(b, 1, d)` -> logits of the selected rows, one f32 vector per batch row.
+    pub fn forward_rows(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let x = hidden.squeeze(1)?;
+        let logits = x.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+}

@@ -1,0 +1,10 @@
+//! The language model: transformers' `Emu3TextModel` with its `lm_head`.
+
+mod attention;
+mod cache;
+mod mlp;
+mod model;
+mod rope;
+
+pub use cache::Cache;
+pub use model::Emu3TextModel;
