@@ -170,3 +170,23 @@ fn report_is_the_unweighted_mean_of_categories() {
     let table = r.to_string();
     assert!(table.contains("counting") && table.contains("overall"));
 }
+
+#[test]
+fn odd_images_are_judged_without_panicking() {
+    use rand::{Rng, SeedableRng};
+    let samples = bench();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut images = vec![RgbImage::new(1, 1), RgbImage::new(9, 300), RgbImage::from_pixel(128, 128, image::Rgb([255, 0, 0]))];
+    for (w, h) in [(128, 128), (64, 200), (300, 17)] {
+        images.push(RgbImage::from_fn(w, h, |_, _| image::Rgb(rng.random())));
+        // Big blocks of random colour: many regions, signs-like rectangles, specks.
+        let cells: Vec<[u8; 3]> = (0..64).map(|_| rng.random()).collect();
+        images.push(RgbImage::from_fn(w, h, |x, y| image::Rgb(cells[((x / 9 + y / 7 * 5) % 64) as usize])));
+    }
+    for img in &images {
+        for s in samples.iter().step_by(50) {
+            let v = judge::judge(s, img);
+            assert!((0.0..=1.0).contains(&v.score));
+        }
+    }
+}

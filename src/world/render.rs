@@ -176,7 +176,9 @@ pub fn sign_layout(sign: &Sign, width: u32, height: u32) -> SignLayout {
     let place = |c: f64, size: u32, total: u32| -> u32 {
         let margin = (total / 64).max(1) as i64;
         let x0 = (c * total as f64 - size as f64 / 2.0).round() as i64;
-        x0.clamp(margin.min(total as i64 - size as i64).max(0), (total as i64 - size as i64 - margin).max(0)) as u32
+        let room = total as i64 - size as i64;
+        let lo = margin.min(room).max(0);
+        x0.clamp(lo, (room - margin).max(lo)) as u32
     };
     SignLayout { scale, pad: 2 * scale, x0: place(sign.x, w, width), y0: place(sign.y, h, height), w, h }
 }
@@ -207,6 +209,23 @@ fn paint_sign(img: &mut RgbImage, sign: &Sign) {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::palette::Color;
+
+    #[test]
+    fn signs_stay_inside_even_when_they_barely_fit() {
+        for total in 60..140 {
+            for x in [-1.0, 0.0, 0.3, 0.5, 1.0, 2.0, f64::NAN] {
+                let sign = Sign { word: "HELLO".into(), color: Color::Red, ink: Color::White, x, y: x };
+                let l = sign_layout(&sign, total, total);
+                assert!(l.x0 + l.w <= total.max(l.w) && l.y0 + l.h <= total.max(l.h), "{total} {x}: {l:?}");
             }
         }
     }
