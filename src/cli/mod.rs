@@ -6,6 +6,8 @@ mod edit;
 mod generate;
 mod inspect;
 mod progress;
+mod eval;
+mod world;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,10 @@ pub enum Command {
     Tokenize(inspect::TokenizeArgs),
     /// Run an image through the VQ round trip and print the PSNR.
     Reconstruct(inspect::ReconstructArgs),
+    /// The procedural world: training samples, the benchmark, rendering.
+    World(world::WorldArgs),
+    /// Score images against a bench file with the judge.
+    Eval(eval::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -42,5 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(args) => inspect::info(args),
         Command::Tokenize(args) => inspect::tokenize(args),
         Command::Reconstruct(args) => inspect::reconstruct(args),
+        Command::World(args) => world::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

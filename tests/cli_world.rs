@@ -1,0 +1,175 @@
+//! `tessera world ...` and `tessera eval` as a user runs them, including bad input. See: #3
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn tessera() -> Command {
+    Command::cargo_bin("tessera").unwrap()
+}
+
+fn sample(dir: &Path, args: &[&str]) {
+    tessera()
+        .args(["world", "sample", "--out"])
+        .arg(dir)
+        .args(args)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("images/s"));
+}
+
+fn eval_json(bench: &Path, images: &Path) -> serde_json::Value {
+    let out = tessera().args(["eval", "--json", "--bench"]).arg(bench).arg("--images").arg(images).assert().success();
+    serde_json::from_slice(&out.get_output().stdout).unwrap()
+}
+
+#[test]
+fn sampled_ground_truth_judges_perfectly() {
+    let dir = tempfile::tempdir().unwrap();
+    let t2i = dir.path().join("t2i");
+    sample(&t2i, &["--count", "60", "--seed", "4", "--size", "160x128"]);
+    let lines = std::fs::read_to_string(t2i.join("samples.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 60);
+    let json = eval_json(&t2i.join("samples.jsonl"), &t2i);
+    assert_eq!(json["overall"], 1.0, "{json}");
+
+    let edit = dir.path().join("edit");
+    sample(&edit, &["--count", "30", "--seed", "4", "--task", "edit", "--categories", "move,text"]);
+    let json = eval_json(&edit.join("samples.jsonl"), &edit);
+    assert_eq!(json, serde_json::json!({"edit": 1.0, "overall": 1.0}));
+    for line in std::fs::read_to_string(edit.join("samples.jsonl")).unwrap().lines() {
+        assert!(line.contains("\"edit_kind\":\"move\"") || line.contains("\"edit_kind\":\"text\""));
+    }
+}
+
+#[test]
+fn raw_format_writes_only_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    sample(dir.path(), &["--count", "10", "--format", "raw", "--size", "64x96", "--categories", "counting"]);
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(std::fs::metadata(dir.path().join("images.u8")).unwrap().len(), 10 * 64 * 96 * 3);
+}
+
+#[test]
+fn thread_count_does_not_change_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    for threads in ["1", "2"] {
+        tessera()
+            .env("RAYON_NUM_THREADS", threads)
+            .args(["world", "sample", "--count", "50", "--seed", "8", "--format", "raw", "--out"])
+            .arg(dir.path().join(threads))
+            .assert()
+            .success();
+    }
+    for f in ["samples.jsonl", "images.u8"] {
+        let a = std::fs::read(dir.path().join("1").join(f)).unwrap();
+        let b = std::fs::read(dir.path().join("2").join(f)).unwrap();
+        assert!(a == b, "{f} depends on the thread count");
+    }
+}
+
+/// A bench of three samples with their images, for the error cases.
+fn small_bench(dir: &Path) -> (std::path::PathBuf, Vec<String>) {
+    sample(dir, &["--count", "3", "--seed", "1"]);
+    let bench = dir.join("samples.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&bench).unwrap().lines().map(String::from).collect();
+    (bench, lines)
+}
+
+fn one_line_error(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr).to_string();
+    assert_eq!(s.trim_end().lines().count(), 1, "not one line: {s}");
+    assert!(!s.contains("panicked"), "{s}");
+    s
+}
+
+#[test]
+fn missing_image_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bench, _) = small_bench(dir.path());
+    std::fs::remove_file(dir.path().join("t2i-s1-0000001.png")).unwrap();
+    let out = tessera().args(["eval", "--bench"]).arg(&bench).arg("--images").arg(dir.path()).assert().failure();
+    let err = one_line_error(&out.get_output().stderr);
+    assert!(err.contains("samples.jsonl:2") && err.contains("t2i-s1-0000001.png"), "{err}");
+}
+
+#[test]
+fn wrong_size_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bench, _) = small_bench(dir.path());
+    image::RgbImage::new(64, 64).save(dir.path().join("t2i-s1-0000002.png")).unwrap();
+    let out = tessera().args(["eval", "--bench"]).arg(&bench).arg("--images").arg(dir.path()).assert().failure();
+    let err = one_line_error(&out.get_output().stderr);
+    assert!(err.contains("samples.jsonl:3") && err.contains("64x64") && err.contains("128x128"), "{err}");
+}
+
+#[test]
+fn malformed_line_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bench, lines) = small_bench(dir.path());
+    for (broken, what) in [
+        (lines[1][..lines[1].len() / 2].to_string(), "malformed"),
+        (lines[1].replace("\"task\":\"t2i\"", "\"task\":\"paint\""), "malformed"),
+        (lines[1].replace("\"caption\"", "\"kaption\""), "caption"),
+    ] {
+        let text = format!("{}\n{broken}\n{}\n", lines[0], lines[2]);
+        std::fs::write(&bench, text).unwrap();
+        let out = tessera().args(["eval", "--bench"]).arg(&bench).arg("--images").arg(dir.path()).assert().failure();
+        let err = one_line_error(&out.get_output().stderr);
+        assert!(err.contains("samples.jsonl:2") && err.contains(what), "{err}");
+    }
+    let out = tessera().args(["eval", "--bench", "no-such-bench.jsonl", "--images", "."]).assert().failure();
+    let err = one_line_error(&out.get_output().stderr);
+    assert!(err.contains("no-such-bench.jsonl"), "{err}");
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    tessera()
+        .args(["world", "sample", "--count", "1", "--categories", "single_object,sculpture", "--out"])
+        .arg(dir.path())
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("unknown t2i category `sculpture`"));
+    tessera()
+        .args(["world", "sample", "--count", "1", "--size", "12x12", "--out"])
+        .arg(dir.path())
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("12x12 is not supported"));
+    tessera()
+        .args(["world", "sample", "--count", "1", "--size", "big", "--out"])
+        .arg(dir.path())
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("WIDTHxHEIGHT"));
+}
+
+#[test]
+fn render_degrades_and_eval_prints_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/eval/bench.jsonl");
+    let few = dir.path().join("few.jsonl");
+    let text = std::fs::read_to_string(bench).unwrap();
+    let picked: Vec<&str> = text.lines().step_by(40).collect();
+    std::fs::write(&few, picked.join("\n")).unwrap();
+    let images = dir.path().join("img");
+    tessera()
+        .args(["world", "render", "--blur", "1", "--jpeg", "75", "--samples"])
+        .arg(&few)
+        .arg("--out")
+        .arg(&images)
+        .assert()
+        .success();
+    tessera()
+        .args(["eval", "--bench"])
+        .arg(&few)
+        .arg("--images")
+        .arg(&images)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("single_object").and(predicate::str::contains("overall")));
+}
