@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod image_io;
 pub mod judge;
