@@ -3,10 +3,10 @@
 mod batch;
 mod common;
 mod edit;
-mod eval;
 mod generate;
 mod inspect;
 mod progress;
+mod eval;
 mod world;
 
 use std::process::ExitCode;
