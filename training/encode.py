@@ -26,16 +26,51 @@ SPLITS = ["t2i_16x16", "t2i_12x20", "t2i_20x12", "edit_16x16"]
 
 
 @torch.no_grad()
-def encode_array(vq, images_u8, batch, device, amp):
-    """uint8 (N,H,W,3) numpy -> int16 codes (N,h,w) numpy."""
-    n, h, w, _ = images_u8.shape
-    out = torch.empty((n, h // 8, w // 8), dtype=torch.int16, device=device)
-    src = torch.from_numpy(images_u8)
+def encode_tensor(vq, u8, batch, amp):
+    """uint8 (N,H,W,3) torch tensor (any device) -> int16 codes (N,h,w) numpy."""
+    dev = next(vq.parameters()).device
+    n, h, w, _ = u8.shape
+    out = torch.empty((n, h // 8, w // 8), dtype=torch.int16, device=dev)
     for i in range(0, n, batch):
-        u8 = src[i:i + batch].to(device, non_blocking=True)
         with amp():
-            out[i:i + batch] = vqlib.encode_codes(vq, vqlib.to_pixels(u8)).to(torch.int16)
+            out[i:i + batch] = vqlib.encode_codes(vq, vqlib.to_pixels(u8[i:i + batch].to(dev))).to(torch.int16)
     return out.cpu().numpy()
+
+
+def encode_split(vq, run, split, u8, batch, amp):
+    """Encodes one split's images (t2i (N,H,W,3) or edit (N,2,H,W,3)), writes codes + texts; returns codes."""
+    t0 = time.time()
+    if u8.ndim == 5:
+        n = u8.shape[0]
+        codes = encode_tensor(vq, u8.reshape(-1, *u8.shape[2:]), batch, amp)
+        codes = codes.reshape(n, 2, *codes.shape[1:])
+    else:
+        codes = encode_tensor(vq, u8, batch, amp)
+    out_dir = os.path.join(run, "codes")
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, f"{split}.npy"), codes)
+    texts = [data.text_of(r) for r in data.load_meta(run, split)]
+    assert len(texts) == codes.shape[0], (split, len(texts), codes.shape)
+    with open(os.path.join(out_dir, f"{split}.texts.json"), "w") as f:
+        json.dump(texts, f)
+    n_img = codes.size // (codes.shape[-1] * codes.shape[-2])
+    print(f"[encode] {split}: codes {codes.shape} in {time.time()-t0:.1f}s ({n_img / max(time.time()-t0, 1e-9):.0f} img/s)",
+          flush=True)
+    return codes
+
+
+def finish(run, all_codes, k, t0):
+    """Codebook usage over all training codes; writes RUN/codes/DONE."""
+    counts = np.zeros(k, dtype=np.int64)
+    for c in all_codes:
+        counts += np.bincount(c.reshape(-1).astype(np.int64), minlength=k)
+    p = counts / max(1, counts.sum())
+    nz = p[p > 0]
+    usage, ppl = float((counts > 0).mean()), float(np.exp(-(nz * np.log(nz)).sum()))
+    with open(os.path.join(run, "codes", "DONE"), "w") as f:
+        json.dump({"codebook_usage": usage, "perplexity": ppl, "seconds": time.time() - t0}, f)
+    print(f"[encode] done in {time.time()-t0:.1f}s; codebook usage over all training codes {usage:.3f}, "
+          f"perplexity {ppl:.0f} (of {k})", flush=True)
 
 
 def main():
@@ -56,40 +91,17 @@ def main():
     t0 = time.time()
     vq, cfg = vqlib.load_vq(args.vq or os.path.join(args.run, "vq", "vq.safetensors"), dev)
     vqlib.channels_last(vq)
-    k = cfg["codebook_size"]
-    out_dir = os.path.join(args.run, "codes")
-    os.makedirs(out_dir, exist_ok=True)
-    counts = np.zeros(k, dtype=np.int64)
+    all_codes = []
     for split in SPLITS:
         if not os.path.exists(os.path.join(args.run, "data", split, "DONE")):
             print(f"[encode] {split}: no data, skipped", flush=True)
             continue
         t1 = time.time()
-        imgs = data.load_images(args.run, split)
-        t2 = time.time()
-        if imgs.ndim == 5:   # edit: (N, 2, H, W, 3)
-            n = imgs.shape[0]
-            codes = encode_array(vq, imgs.reshape(-1, *imgs.shape[2:]), args.batch, dev, amp)
-            codes = codes.reshape(n, 2, *codes.shape[1:])
-        else:
-            codes = encode_array(vq, imgs, args.batch, dev, amp)
+        imgs = torch.from_numpy(data.load_images(args.run, split))
+        print(f"[encode] {split}: loaded {tuple(imgs.shape)} in {time.time()-t1:.1f}s", flush=True)
+        all_codes.append(encode_split(vq, args.run, split, imgs, args.batch, amp))
         del imgs
-        np.save(os.path.join(out_dir, f"{split}.npy"), codes)
-        texts = [data.text_of(r) for r in data.load_meta(args.run, split)]
-        assert len(texts) == codes.shape[0]
-        with open(os.path.join(out_dir, f"{split}.texts.json"), "w") as f:
-            json.dump(texts, f)
-        counts += np.bincount(codes.reshape(-1).astype(np.int64), minlength=k)
-        n_img = codes.size // (codes.shape[-1] * codes.shape[-2])
-        print(f"[encode] {split}: {codes.shape} load {t2-t1:.1f}s encode {time.time()-t2:.1f}s "
-              f"({n_img / max(time.time()-t2, 1e-9):.0f} img/s)", flush=True)
-    p = counts / max(1, counts.sum())
-    nz = p[p > 0]
-    usage, ppl = float((counts > 0).mean()), float(np.exp(-(nz * np.log(nz)).sum()))
-    with open(os.path.join(out_dir, "DONE"), "w") as f:
-        json.dump({"codebook_usage": usage, "perplexity": ppl, "seconds": time.time() - t0}, f)
-    print(f"[encode] done in {time.time()-t0:.1f}s; codebook usage over all training codes {usage:.3f}, "
-          f"perplexity {ppl:.0f} (of {k})", flush=True)
+    finish(args.run, all_codes, cfg["codebook_size"], t0)
 
 
 if __name__ == "__main__":

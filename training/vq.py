@@ -117,11 +117,12 @@ def encode_latents(vq, x):
 def lookup(z, codebook):
     """Cosine nearest code. z (B,1,E,h,w) -> (zn (N,E), idx (N,), qn (N,E)) in fp32."""
     e = z.shape[2]
-    zf = z.permute(0, 1, 3, 4, 2).reshape(-1, e).float()
-    zn = F.normalize(zf, dim=1)
-    cn = F.normalize(codebook.float(), dim=1)
-    idx = (zn @ cn.t()).argmax(dim=1)
-    return zn, idx, cn[idx]
+    with torch.autocast(z.device.type, enabled=False):   # fp32 similarities, even under bf16 autocast
+        zf = z.permute(0, 1, 3, 4, 2).reshape(-1, e).float()
+        zn = F.normalize(zf, dim=1)
+        cn = F.normalize(codebook.float(), dim=1)
+        idx = (zn @ cn.t()).argmax(dim=1)
+        return zn, idx, cn[idx]
 
 
 def decode_latents(vq, zq):
@@ -142,12 +143,29 @@ def forward(vq, x):
     return decode_latents(vq, zq), zn, idx, commit, cb_loss
 
 
+def nearest_euclidean(z, codebook):
+    """transformers' Emu3VQVAEVectorQuantizer math, in fp32: argmin |z|^2 + |e|^2 - 2 z.e."""
+    e = z.shape[2]
+    with torch.autocast(z.device.type, enabled=False):
+        zf = z.permute(0, 1, 3, 4, 2).reshape(-1, e).float()
+        cb = codebook.float()
+        d = 2 * torch.matmul(zf, cb.transpose(0, 1))
+        d = torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(cb ** 2, dim=1) - d
+        return torch.argmin(d, dim=1)
+
+
 @torch.no_grad()
-def encode_codes(vq, x):
-    """Our (fast) encode path: (B,3,H,W) -> codes (B,h,w)."""
+def encode_codes(vq, x, cosine=None):
+    """Our (fast) encode path: (B,3,H,W) -> codes (B,h,w). A VQ in export form (unit-norm fp16
+    codebook, scaled quant_conv: vq.export_form) uses HF's euclidean argmin, so the codes the LM
+    learns are exactly those transformers and Tessera compute; while training, the cosine lookup."""
     z = encode_latents(vq, x)
     b, _, _, h, w = z.shape
-    return lookup(z, vq.quantize.embedding.weight)[1].view(b, h, w)
+    if cosine is None:
+        cosine = not getattr(vq, "export_form", False)
+    if cosine:
+        return lookup(z, vq.quantize.embedding.weight)[1].view(b, h, w)
+    return nearest_euclidean(z, vq.quantize.embedding.weight).view(b, h, w)
 
 
 @torch.no_grad()
@@ -156,6 +174,22 @@ def decode_codes(vq, codes):
     parameter is kept unit-norm by the trainer, so raw rows are the normalised codes)."""
     zq = vq.quantize.embedding.weight[codes].permute(0, 3, 1, 2).unsqueeze(1)
     return decode_latents(vq, zq)
+
+
+@torch.no_grad()
+def scale_latents(vq, u8, target=32.0, batch=250):
+    """Scale quant_conv by a power of two so the median latent norm is ~target. Cosine lookup (our
+    path, the decoder) is unchanged; HF's euclidean argmin |z|^2 + |e|^2 - 2 z.e then no longer
+    feels the fp16 rounding of the codebook norms (|e|^2 = 1 +- 1e-3) against small |z|."""
+    norms = []
+    for i in range(0, u8.shape[0], batch):
+        z = encode_latents(vq, to_pixels(u8[i:i + batch]).float())
+        norms.append(z.float().norm(dim=2).flatten())
+    med = torch.cat(norms).median().item()
+    scale = 2.0 ** round(math.log2(target / max(med, 1e-6)))
+    vq.quant_conv.conv.weight.mul_(scale)
+    vq.quant_conv.conv.bias.mul_(scale)
+    return med, scale
 
 
 def hf_encode(vq, x):
@@ -216,6 +250,7 @@ def load_vq(path, device):
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(path).items()}
     vq.load_state_dict(sd, strict=True)
     vq = vq.to(device)
+    vq.export_form = True   # saved checkpoints are always in export form (see main)
     set_train(vq, False)
     return vq, cfg
 
@@ -279,12 +314,13 @@ def check(vq, heldout_u8, n=64):
     ours = encode_codes(vq, x)
     hf = hf_encode(vq, x)
     mismatch = (ours != hf).float().mean().item()
+    cos_mismatch = (encode_codes(vq, x, cosine=True) != hf).float().mean().item()
     y_hf = vq.decode(hf)
     y_ours = decode_codes(vq, hf)
     dec_diff = (y_hf - y_ours).abs().max().item()
     # The cosine == euclidean equivalence holds exactly for a unit-norm codebook; measure the norms.
     norms = vq.quantize.embedding.weight.float().norm(dim=1)
-    return dict(code_mismatch=mismatch, decode_max_abs_diff=dec_diff,
+    return dict(code_mismatch=mismatch, cosine_vs_euclidean=cos_mismatch, decode_max_abs_diff=dec_diff,
                 codebook_norm_min=norms.min().item(), codebook_norm_max=norms.max().item())
 
 
@@ -307,21 +343,33 @@ def lr_at(frac, peak):
 
 
 def load_pools(run, device, limit=None, log=print):
-    """Training images on the device as uint8 NHWC: square pool, wide, tall; and the held-out set."""
+    """Training images on the device as uint8 NHWC. Returns (square pool, {split: view of it or
+    its own tensor}, [non-square tensors], held-out). The square pool holds the 128x128 t2i images
+    and both images of every edit, without an extra copy."""
     t0 = time.time()
-    sq = [data.load_images(run, "t2i_16x16", limit)]
-    if os.path.exists(os.path.join(run, "data", "edit_16x16", "DONE")):
-        e = data.load_images(run, "edit_16x16", None if limit is None else limit // 2)
-        sq.append(e.reshape(-1, *e.shape[2:]))
-    square = torch.from_numpy(np.concatenate(sq)).to(device)
+    arrays = {}
+    for split in ("t2i_16x16", "edit_16x16"):
+        if os.path.exists(os.path.join(run, "data", split, "DONE")):
+            arrays[split] = data.load_images(run, split, limit)
+    n_sq = sum(a.shape[0] * (2 if a.ndim == 5 else 1) for a in arrays.values())
+    square = torch.empty((n_sq, 128, 128, 3), dtype=torch.uint8, device=device)
+    views, at = {}, 0
+    for split in list(arrays):
+        a = arrays.pop(split)
+        n = a.shape[0] * (2 if a.ndim == 5 else 1)
+        square[at:at + n].copy_(torch.from_numpy(a.reshape(n, 128, 128, 3)))
+        views[split] = square[at:at + n].view(a.shape)
+        at += n
+        del a
     nonsq = []
     for split in ("t2i_12x20", "t2i_20x12"):
         if os.path.exists(os.path.join(run, "data", split, "DONE")):
-            nonsq.append(torch.from_numpy(data.load_images(run, split, limit)).to(device))
+            views[split] = torch.from_numpy(data.load_images(run, split, limit)).to(device)
+            nonsq.append(views[split])
     held = torch.from_numpy(data.load_images(run, "heldout", N_HELDOUT)).to(device)
     log(f"[vq] loaded {square.shape[0]} square, {[t.shape[0] for t in nonsq]} non-square, "
         f"{held.shape[0]} held-out images to {device} in {time.time()-t0:.1f}s")
-    return square, nonsq, held
+    return square, views, nonsq, held
 
 
 def main():
@@ -337,6 +385,9 @@ def main():
     ap.add_argument("--eval-every", type=float, default=EVAL_EVERY)
     ap.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--encode", action="store_true",
+                    help="then encode every training image (encode.py's job) from the images already on the device")
+    ap.add_argument("--encode-batch", type=int, default=512)
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -366,7 +417,13 @@ def main():
     assert all(cfg["base_channels"] * m % 32 == 0 for m in cfg["channel_multiplier"])
     assert len(cfg["channel_multiplier"]) == 4, "8x spatial downsampling"
 
-    square, nonsq, held = load_pools(args.run, dev, args.limit, log)
+    tok_path = os.path.join(args.run, "tokenizer", "tokenizer.json")
+    if os.path.exists(tok_path):   # fail now, not after training, if tokenizer.py used another K
+        from tokenizers import Tokenizer
+        n_vis = sum(1 for t in Tokenizer.from_file(tok_path).get_vocab(with_added_tokens=True)
+                    if t.startswith("<|visual token"))
+        assert n_vis == cfg["codebook_size"], f"tokenizer has {n_vis} visual tokens, VQ codebook_size {cfg['codebook_size']}"
+    square, views, nonsq, held = load_pools(args.run, dev, args.limit, log)
     vq = build_vq(cfg, dev)
     enc_gf, dec_gf = flops_per_image(vq)
     log(f"[vq] config {json.dumps(cfg)}")
@@ -457,7 +514,12 @@ def main():
     log(f"[vq] trained {step} steps, {images} images in {train_s:.0f}s")
 
     # Export form: unit-norm codebook, weights rounded to fp16 (what ships; what encode.py uses).
+    # Checks run in true fp32 (no TF32), like Tessera on the CPU.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     set_train(vq, False)
+    med, scale = scale_latents(vq, held)
+    log(f"[vq] median latent norm {med:.3g}; quant_conv scaled by {scale:g}")
     with torch.no_grad():
         codebook.data.copy_(F.normalize(codebook.data.float(), dim=1))
         for p in vq.parameters():
@@ -465,6 +527,7 @@ def main():
         for b in vq.buffers():
             if b.is_floating_point():
                 b.copy_(b.half().float())
+    vq.export_form = True
     ev_amp = evaluate(vq, held, 250, amp)
     log(f"[vq] held-out (ours, bf16, fp16 weights): psnr {ev_amp['psnr']:.2f} dB usage {ev_amp['usage']:.3f} "
         f"perplexity {ev_amp['perplexity']:.0f}")
@@ -473,7 +536,8 @@ def main():
         f"(min {ev['psnr_min']:.2f}, of mean mse {ev['psnr_of_mean_mse']:.2f}) usage {ev['usage']:.3f} "
         f"perplexity {ev['perplexity']:.0f}")
     ck = check(vq, held)
-    log(f"[vq] check: code mismatch ours vs HF encode {ck['code_mismatch']:.5f}, decode max |diff| "
+    log(f"[vq] check: code mismatch ours vs HF encode {ck['code_mismatch']:.5f} (cosine lookup vs HF "
+        f"{ck['cosine_vs_euclidean']:.5f}), decode max |diff| "
         f"{ck['decode_max_abs_diff']:.2e}, codebook norms [{ck['codebook_norm_min']:.5f}, {ck['codebook_norm_max']:.5f}]")
     wr.writerow([step, f"{train_s:.1f}", images, "final", "", "", "", "", "", "", restarted_total,
                  f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
@@ -491,6 +555,16 @@ def main():
         f", check {'OK' if ok else 'FAILED'}")
     if not ok:
         sys.exit(1)
+    if args.encode:
+        import encode  # noqa: E402  (training/encode.py)
+        if args.limit is not None:
+            log("[vq] --encode ignores --limit only if the whole data was loaded; refusing with --limit")
+            sys.exit(2)
+        del square, nonsq
+        t1 = time.time()
+        all_codes = [encode.encode_split(vq, args.run, split, views[split], args.encode_batch, amp)
+                     for split in encode.SPLITS if split in views]
+        encode.finish(args.run, all_codes, K, t1)
 
 
 if __name__ == "__main__":
