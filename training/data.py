@@ -79,7 +79,8 @@ def generate(run, world, procs, counts, shard_size=SHARD, log=print):
                    "--size", f"{w}x{h}", "--task", task, "--out", out, "--format", "raw"]
             jobs.append((split, out, n, cmd))
     # The binary is itself parallel (rayon): give each process its share of the cores.
-    env = dict(os.environ, RAYON_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // procs)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(max(1, cores // procs)))
     t0 = time.time()
     running, done, failed = [], 0, []
     pending = list(jobs)

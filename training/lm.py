@@ -105,6 +105,7 @@ class Bucket:
         self.img_len = self.h * (self.w + 1)
         self.target_len = self.img_len + 3          # target rows + EOF EOV EOS
         self.tmax = tmax
+        self._consts = {}
 
     def _img(self, codes):
         """(B,h,w) visual ids -> (B, h*(w+1)) rows each followed by EOL."""
@@ -113,7 +114,10 @@ class Bucket:
         return torch.cat([codes, eol], dim=2).reshape(b, self.img_len)
 
     def _const(self, b, toks):
-        return torch.tensor(toks, dtype=torch.long, device=self.device).expand(b, len(toks))
+        key = tuple(toks)
+        if key not in self._consts:   # built once: no host-to-device copies in the hot loop
+            self._consts[key] = torch.tensor(toks, dtype=torch.long, device=self.device)
+        return self._consts[key].expand(b, len(toks))
 
     def build(self, idx, drop):
         """Token sequences (B, L) and target mask (B, L) for samples idx; drop: (B,) bool, empty text."""
@@ -137,14 +141,15 @@ class Bucket:
                       ones(self.img_len), ones(3)]
         seq, keep, target = torch.cat(parts, 1), torch.cat(keep, 1), torch.cat(target, 1)
         # Compact: move the kept tokens left (stable), PAD after them; trim to the longest row.
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        order = torch.sort((~keep).to(torch.int32), dim=1, stable=True).indices
         seq, target = seq.gather(1, order), target.gather(1, order)
         n_keep = keep.sum(1)
         length = int(n_keep.max())
         pos = torch.arange(seq.shape[1], device=self.device)[None, :]
         seq = torch.where(pos < n_keep[:, None], seq, torch.full_like(seq, sp["pad"]))
         target = target & (pos < n_keep[:, None])
-        return seq[:, :length], target[:, :length]
+        # The targets are always the last target_len kept tokens of a row: n_keep locates them.
+        return seq[:, :length], target[:, :length], n_keep
 
     def sample(self, gen, batch=None, val=False):
         b = batch or self.batch
@@ -156,15 +161,17 @@ class Bucket:
         return self.build(idx, drop)
 
 
-def seq_loss(model, seq, target, inner=None):
-    """Sum of token cross-entropies over the target positions, and their count.
-    Mirrors Emu3ForCausalLM.forward (model.model -> lm_head) but only computes logits where needed.
+def seq_loss(model, seq, n_keep, target_len, inner=None):
+    """Sum of token cross-entropies over the target block (the last target_len real tokens of each
+    row), and their count. Mirrors Emu3ForCausalLM.forward (model.model -> lm_head) but computes
+    logits only where needed, with static shapes (no boolean indexing, no host sync).
     inner: a compiled model.model, if any."""
-    inp, labels, mask = seq[:, :-1], seq[:, 1:], target[:, 1:]
-    hidden = (inner or model.model)(input_ids=inp).last_hidden_state
-    logits = model.lm_head(hidden[mask]).float()
-    loss = F.cross_entropy(logits, labels[mask], reduction="sum")
-    return loss, mask.sum()
+    hidden = (inner or model.model)(input_ids=seq[:, :-1]).last_hidden_state       # (B, L-1, d)
+    pos = n_keep[:, None] - target_len + torch.arange(target_len, device=seq.device)[None, :]
+    h = hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1]))     # predicts seq[pos]
+    logits = model.lm_head(h).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq.gather(1, pos).reshape(-1), reduction="sum")
+    return loss, pos.numel()
 
 
 def build_lm(cfg, vocab_size, sp, device):
@@ -202,7 +209,7 @@ def check_layout(bucket, tok, sp):
     n = min(8, bucket.codes.shape[0])
     idx = torch.arange(n, device=bucket.device)
     for drop in (False, True):
-        seq, target = bucket.build(idx, torch.full((n,), drop, device=bucket.device))
+        seq, target, n_keep = bucket.build(idx, torch.full((n,), drop, device=bucket.device))
         for i in range(n):
             row, tmask = seq[i].tolist(), target[i].tolist()
             text = "" if drop else tok.decode(bucket.text[i, :bucket.lens[i]].tolist())
@@ -215,6 +222,7 @@ def check_layout(bucket, tok, sp):
             assert row[:len(expect)] == expect, (bucket.name, drop, i)
             assert row[len(expect):] == [sp["pad"]] * (len(row) - len(expect))
             assert [t for t, m in zip(row, tmask) if m] == expect[-bucket.target_len:]
+            assert n_keep[i].item() == len(expect)
 
 
 def main():
@@ -313,11 +321,11 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         batches = [b.sample(gen) for b in buckets]
-        n_target = sum(int(t[:, 1:].sum()) for _, t in batches)
+        n_target = sum(b.batch * b.target_len for b in buckets)
         opt.zero_grad(set_to_none=True)
-        for j, (seq, target) in enumerate(batches):
+        for j, (b, (seq, _, n_keep)) in enumerate(zip(buckets, batches)):
             with amp():
-                loss_sum, n = seq_loss(model, seq, target, inner)
+                loss_sum, n = seq_loss(model, seq, n_keep, b.target_len, inner)
             (loss_sum / n_target).backward()
             acc[2 * j] += loss_sum.detach()
             acc[2 * j + 1] += n
@@ -361,7 +369,7 @@ def val_loss(model, buckets, gen, amp, n=128):
             out.append(float("nan"))
             continue
         with amp():
-            s, c = seq_loss(model, *got)
+            s, c = seq_loss(model, got[0], got[2], b.target_len)
         out.append((s / c).item())
     model.train()
     return out

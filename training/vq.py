@@ -352,12 +352,13 @@ def load_pools(run, device, limit=None, log=print):
         if os.path.exists(os.path.join(run, "data", split, "DONE")):
             arrays[split] = data.load_images(run, split, limit)
     n_sq = sum(a.shape[0] * (2 if a.ndim == 5 else 1) for a in arrays.values())
-    square = torch.empty((n_sq, 128, 128, 3), dtype=torch.uint8, device=device)
+    hw = next(iter(arrays.values())).shape[-3:]
+    square = torch.empty((n_sq, *hw), dtype=torch.uint8, device=device)
     views, at = {}, 0
     for split in list(arrays):
         a = arrays.pop(split)
         n = a.shape[0] * (2 if a.ndim == 5 else 1)
-        square[at:at + n].copy_(torch.from_numpy(a.reshape(n, 128, 128, 3)))
+        square[at:at + n].copy_(torch.from_numpy(a.reshape(n, *hw)))
         views[split] = square[at:at + n].view(a.shape)
         at += n
         del a
