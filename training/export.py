@@ -160,6 +160,53 @@ def greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, guidance):
     return gen.tolist(), codes.tolist(), vqlib.to_u8(image)[0].numpy()
 
 
+def generate_checks(model, tok, sp, k, args, cdir, summary):
+    """Greedy t2i (and edit, if edit codes exist) with CFG + prefix constraint; writes check/."""
+    S = toklib.SPECIALS
+    h, w = GRIDS[0]
+    meta = S["sov"] + toklib.meta_text(h, w) + S["sot"]
+    prompt_ids = tok.encode(S["bos"] + args.prompt + meta).ids
+    neg_ids = tok.encode(S["bos"] + "" + meta).ids
+    t1 = time.time()
+    gen, codes, img = greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, args.guidance)
+    record = {"task": "t2i", "prompt": args.prompt, "grid": [h, w], "guidance_scale": args.guidance,
+              "do_sample": False, "dtype": "float32", "input_ids": prompt_ids, "negative_prompt_ids": neg_ids,
+              "generated_ids": gen, "codes": codes}
+    with open(os.path.join(cdir, "gen_tokens.json"), "w") as f:
+        json.dump(record, f)
+    vqlib.write_png(os.path.join(cdir, "gen.png"), img)
+    print(f"[export] greedy t2i {args.prompt!r} ({h}x{w}, cfg {args.guidance}) -> {len(gen)} tokens ending in EOS "
+          f"in {time.time()-t1:.1f}s; first codes {codes[0][:8]}", flush=True)
+    summary["t2i_seconds"] = time.time() - t1
+
+    # An edit from the validation end of the edit codes, if present.
+    codes_path = os.path.join(args.run, "codes", "edit_16x16.npy")
+    if os.path.exists(codes_path):
+        import numpy as np
+        ecodes = np.load(codes_path, mmap_mode="r")
+        with open(os.path.join(args.run, "codes", "edit_16x16.texts.json")) as f:
+            instr = json.load(f)[-1]
+        src = np.asarray(ecodes[-1, 0]).astype(int)
+        vis0 = toklib.visual_offset(tok, k)
+        src_block = "".join("".join(toklib.visual_token(int(c)) for c in row) + S["eol"] for row in src)
+        head = S["bos"] + meta + src_block + S["eof"] + S["eov"]
+        prompt_ids = tok.encode(head + instr + meta).ids
+        neg_ids = tok.encode(head + "" + meta).ids
+        t1 = time.time()
+        gen, codes, img = greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, args.guidance)
+        with torch.no_grad():
+            src_img = vqlib.to_u8(model.model.vqmodel.decode(torch.tensor(src)[None]))[0].numpy()
+        record = {"task": "edit", "instruction": instr, "grid": [h, w], "guidance_scale": args.guidance,
+                  "do_sample": False, "dtype": "float32", "source_codes": src.tolist(), "input_ids": prompt_ids,
+                  "negative_prompt_ids": neg_ids, "generated_ids": gen, "codes": codes}
+        with open(os.path.join(cdir, "edit_tokens.json"), "w") as f:
+            json.dump(record, f)
+        vqlib.write_png(os.path.join(cdir, "edit.png"), np.concatenate([src_img, img], axis=1))
+        print(f"[export] greedy edit {instr!r} -> {len(gen)} tokens ending in EOS in {time.time()-t1:.1f}s; "
+              f"codes changed vs source: {float((np.array(codes) != src).mean()):.2f}", flush=True)
+        del vis0
+
+
 def dir_size(path):
     return sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
 
@@ -225,53 +272,18 @@ def main():
                "params": sum(p.numel() for p in model.parameters()),
                "lm_params": sum(p.numel() for p in model.model.text_model.parameters()) + model.lm_head.weight.numel(),
                "vq_params": sum(p.numel() for p in model.model.vqmodel.parameters())}
-    S = toklib.SPECIALS
-    h, w = GRIDS[0]
-    meta = S["sov"] + toklib.meta_text(h, w) + S["sot"]
-    prompt_ids = tok.encode(S["bos"] + args.prompt + meta).ids
-    neg_ids = tok.encode(S["bos"] + "" + meta).ids
-    t1 = time.time()
-    gen, codes, img = greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, args.guidance)
-    record = {"task": "t2i", "prompt": args.prompt, "grid": [h, w], "guidance_scale": args.guidance,
-              "do_sample": False, "dtype": "float32", "input_ids": prompt_ids, "negative_prompt_ids": neg_ids,
-              "generated_ids": gen, "codes": codes}
-    with open(os.path.join(cdir, "gen_tokens.json"), "w") as f:
-        json.dump(record, f)
-    vqlib.write_png(os.path.join(cdir, "gen.png"), img)
-    print(f"[export] greedy t2i {args.prompt!r} ({h}x{w}, cfg {args.guidance}) -> {len(gen)} tokens ending in EOS "
-          f"in {time.time()-t1:.1f}s; first codes {codes[0][:8]}", flush=True)
-    summary["t2i_seconds"] = time.time() - t1
-
-    # An edit from the validation end of the edit codes, if present.
-    codes_path = os.path.join(args.run, "codes", "edit_16x16.npy")
-    if os.path.exists(codes_path):
-        import numpy as np
-        ecodes = np.load(codes_path, mmap_mode="r")
-        with open(os.path.join(args.run, "codes", "edit_16x16.texts.json")) as f:
-            instr = json.load(f)[-1]
-        src = np.asarray(ecodes[-1, 0]).astype(int)
-        vis0 = toklib.visual_offset(tok, k)
-        src_block = "".join("".join(toklib.visual_token(int(c)) for c in row) + S["eol"] for row in src)
-        head = S["bos"] + meta + src_block + S["eof"] + S["eov"]
-        prompt_ids = tok.encode(head + instr + meta).ids
-        neg_ids = tok.encode(head + "" + meta).ids
-        t1 = time.time()
-        gen, codes, img = greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, args.guidance)
-        with torch.no_grad():
-            src_img = vqlib.to_u8(model.model.vqmodel.decode(torch.tensor(src)[None]))[0].numpy()
-        record = {"task": "edit", "instruction": instr, "grid": [h, w], "guidance_scale": args.guidance,
-                  "do_sample": False, "dtype": "float32", "source_codes": src.tolist(), "input_ids": prompt_ids,
-                  "negative_prompt_ids": neg_ids, "generated_ids": gen, "codes": codes}
-        with open(os.path.join(cdir, "edit_tokens.json"), "w") as f:
-            json.dump(record, f)
-        vqlib.write_png(os.path.join(cdir, "edit.png"), np.concatenate([src_img, img], axis=1))
-        print(f"[export] greedy edit {instr!r} -> {len(gen)} tokens ending in EOS in {time.time()-t1:.1f}s; "
-              f"codes changed vs source: {float((np.array(codes) != src).mean()):.2f}", flush=True)
-        del vis0
+    try:
+        generate_checks(model, tok, sp, k, args, cdir, summary)
+    except Exception as err:  # noqa: BLE001  (the export itself is done; report and fail at the end)
+        import traceback
+        traceback.print_exc()
+        summary["generation_error"] = repr(err)
     with open(os.path.join(cdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"[export] done in {time.time()-t0:.1f}s; params total {summary['params']/1e6:.2f}M "
           f"(LM {summary['lm_params']/1e6:.2f}M, VQ {summary['vq_params']/1e6:.2f}M)", flush=True)
+    if "generation_error" in summary:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

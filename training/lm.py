@@ -350,13 +350,13 @@ def main():
                 + " ".join(f"{n} {v:.3f}" for n, v in zip(names, per)) + ")"
                 + (" | val " + " ".join(vals) if do_eval else ""))
     train_s = time.time() - t0
+    save_lm(model, config, out_dir)
+    log(f"[lm] wrote {out_dir}/lm.safetensors")
     vals = val_loss(model, buckets, gen, amp)
     wr.writerow([step, f"{train_s:.1f}", tokens, "final", ""] + [""] * len(buckets) + [f"{v:.4f}" for v in vals])
     fcsv.close()
     log(f"[lm] trained {step} steps, {tokens/1e6:.1f}M tokens in {train_s:.0f}s ({tokens/train_s/1e3:.0f}k tok/s); "
         f"val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, vals)))
-    save_lm(model, config, out_dir)
-    log(f"[lm] wrote {out_dir}/lm.safetensors")
 
 
 @torch.no_grad()

@@ -32,10 +32,10 @@ LOG="$RUN/stage_b.log"
 pack() {
   cp "$LOG" "$OUTDIR/stage_b.log" 2>/dev/null || true
   if [ -f "$RUN/lm/lm_log.csv" ]; then cp "$RUN/lm/lm_log.csv" "$OUTDIR/"; fi
-  if [ -f "$RUN/export/check/summary.json" ]; then
+  if [ -f "$RUN/export/weights/config.json" ] && [ -f "$RUN/export/tokenizer/tokenizer.json" ]; then
     tar -C "$RUN/export" -cf "$RUN/ship.tar" weights tokenizer
     split -b 15M -d "$RUN/ship.tar" "$OUTDIR/ship.tar.part-"
-    tar -C "$RUN" -cf "$OUTDIR/check.tar" export/check lm/lm_config.json
+    tar -C "$RUN" -cf "$OUTDIR/check.tar" export/check lm/lm_config.json 2>/dev/null || true
   elif [ -f "$RUN/lm/lm.safetensors" ]; then
     $PY -c "from safetensors.torch import load_file, save_file; sd = load_file('$RUN/lm/lm.safetensors'); save_file({k: v.half().contiguous() for k, v in sd.items()}, '$RUN/lm_f16.safetensors')" || true
     mkdir -p "$RUN/fallback/lm"
@@ -48,6 +48,7 @@ pack() {
 }
 trap pack EXIT
 
+rm -rf "$RUN/export" "$RUN/ship.tar" "$RUN/lm_f16.tar" "$RUN/fallback"
 {
   echo "[stage B] start $(date -u +%FT%TZ) run=$RUN budget=${BUDGET}s"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "[stage B] no nvidia-smi"

@@ -529,37 +529,38 @@ def main():
             if b.is_floating_point():
                 b.copy_(b.half().float())
     vq.export_form = True
-    ev_amp = evaluate(vq, held, 250, amp)
-    log(f"[vq] held-out (ours, bf16, fp16 weights): psnr {ev_amp['psnr']:.2f} dB usage {ev_amp['usage']:.3f} "
-        f"perplexity {ev_amp['perplexity']:.0f}")
-    ev = evaluate(vq, held, 100, amp, fp32_hf=True)
-    log(f"[vq] held-out (transformers encode/decode, fp32, fp16 weights): psnr {ev['psnr']:.2f} dB "
-        f"(min {ev['psnr_min']:.2f}, of mean mse {ev['psnr_of_mean_mse']:.2f}) usage {ev['usage']:.3f} "
-        f"perplexity {ev['perplexity']:.0f}")
-    ck = check(vq, held)
-    log(f"[vq] check: code mismatch ours vs HF encode {ck['code_mismatch']:.5f} (cosine lookup vs HF "
-        f"{ck['cosine_vs_euclidean']:.5f}), decode max |diff| "
-        f"{ck['decode_max_abs_diff']:.2e}, codebook norms [{ck['codebook_norm_min']:.5f}, {ck['codebook_norm_max']:.5f}]")
-    wr.writerow([step, f"{train_s:.1f}", images, "final", "", "", "", "", "", "", restarted_total,
-                 f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
-    fcsv.close()
-    ok = ck["code_mismatch"] < 0.01 and ck["decode_max_abs_diff"] < 1e-3
-    save_vq(vq, cfg, os.path.join(out_dir, "vq.safetensors"))
-    write_png(os.path.join(out_dir, "recon.png"), recon_grid(vq, held, amp))
+    save_vq(vq, cfg, os.path.join(out_dir, "vq.safetensors"))   # first: the weights are the product
+    log(f"[vq] wrote {out_dir}/vq.safetensors ({os.path.getsize(os.path.join(out_dir, 'vq.safetensors'))/2**20:.1f} MiB)")
     summary = dict(config=cfg, params=param_count(vq), encoder_params=param_count(vq.encoder),
                    decoder_params=param_count(vq.decoder), encode_gflop_128=enc_gf, decode_gflop_128=dec_gf,
-                   steps=step, images=images, seconds=train_s, heldout_ours_bf16=ev_amp, heldout_hf_fp32=ev,
-                   check=ck, check_ok=ok)
+                   steps=step, images=images, seconds=train_s, restarted=restarted_total)
+    try:
+        ev_amp = evaluate(vq, held, 250, amp)
+        log(f"[vq] held-out (ours, bf16, fp16 weights): psnr {ev_amp['psnr']:.2f} dB usage {ev_amp['usage']:.3f} "
+            f"perplexity {ev_amp['perplexity']:.0f}")
+        ev = evaluate(vq, held, 100, amp, fp32_hf=True)
+        log(f"[vq] held-out (transformers encode/decode, fp32, fp16 weights): psnr {ev['psnr']:.2f} dB "
+            f"(min {ev['psnr_min']:.2f}, of mean mse {ev['psnr_of_mean_mse']:.2f}) usage {ev['usage']:.3f} "
+            f"perplexity {ev['perplexity']:.0f}")
+        ck = check(vq, held)
+        ok = ck["code_mismatch"] < 0.01 and ck["decode_max_abs_diff"] < 1e-3
+        log(f"[vq] check {'OK' if ok else 'FAILED'}: code mismatch ours vs HF encode {ck['code_mismatch']:.5f} "
+            f"(cosine lookup vs HF {ck['cosine_vs_euclidean']:.5f}), decode max |diff| "
+            f"{ck['decode_max_abs_diff']:.2e}, codebook norms [{ck['codebook_norm_min']:.5f}, {ck['codebook_norm_max']:.5f}]")
+        summary.update(heldout_ours_bf16=ev_amp, heldout_hf_fp32=ev, check=ck, check_ok=ok)
+        wr.writerow([step, f"{train_s:.1f}", images, "final", "", "", "", "", "", "", restarted_total,
+                     f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
+        write_png(os.path.join(out_dir, "recon.png"), recon_grid(vq, held, amp))
+    except Exception as err:  # noqa: BLE001  (keep going: the encode below matters more)
+        log(f"[vq] final evaluation failed: {err!r}")
+        summary["evaluation_error"] = repr(err)
+    fcsv.close()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    log(f"[vq] wrote {out_dir}/vq.safetensors ({os.path.getsize(os.path.join(out_dir, 'vq.safetensors'))/2**20:.1f} MiB)"
-        f", check {'OK' if ok else 'FAILED'}")
-    if not ok:
-        sys.exit(1)
     if args.encode:
         import encode  # noqa: E402  (training/encode.py)
         if args.limit is not None:
-            log("[vq] --encode ignores --limit only if the whole data was loaded; refusing with --limit")
+            log("[vq] --encode needs the whole data on the device: run encode.py instead when using --limit")
             sys.exit(2)
         del square, nonsq
         t1 = time.time()
