@@ -140,10 +140,11 @@ def prefix_fn(h, w, sp, vis_ids):
 @torch.no_grad()
 def greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, guidance):
     vis0 = toklib.visual_offset(tok, k)
+    dev = model.device
     out = model.generate(
-        input_ids=torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        negative_prompt_ids=torch.tensor([neg_ids]),
+        input_ids=torch.tensor([prompt_ids], device=dev),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=dev),
+        negative_prompt_ids=torch.tensor([neg_ids], device=dev),
         guidance_scale=guidance,
         prefix_allowed_tokens_fn=prefix_fn(h, w, sp, list(range(vis0, vis0 + k))),
         do_sample=False,
@@ -157,11 +158,15 @@ def greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, guidance):
     image = model.decode_image_tokens(image_tokens=gen[None], height=h, width=w)
     codes = (gen[:-3].view(h, w + 1)[:, :w] - vis0)
     assert codes.min() >= 0 and codes.max() < k
-    return gen.tolist(), codes.tolist(), vqlib.to_u8(image)[0].numpy()
+    return gen.tolist(), codes.tolist(), vqlib.to_u8(image)[0].cpu().numpy()
 
 
 def generate_checks(model, tok, sp, k, args, cdir, summary):
-    """Greedy t2i (and edit, if edit codes exist) with CFG + prefix constraint; writes check/."""
+    """Greedy t2i (and edit, if edit codes or --edit-json exist) with CFG + prefix constraint, in
+    float32 without TF32; writes check/."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    summary["check_device"] = str(model.device)
     S = toklib.SPECIALS
     h, w = GRIDS[0]
     meta = S["sov"] + toklib.meta_text(h, w) + S["sot"]
@@ -170,8 +175,8 @@ def generate_checks(model, tok, sp, k, args, cdir, summary):
     t1 = time.time()
     gen, codes, img = greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, args.guidance)
     record = {"task": "t2i", "prompt": args.prompt, "grid": [h, w], "guidance_scale": args.guidance,
-              "do_sample": False, "dtype": "float32", "input_ids": prompt_ids, "negative_prompt_ids": neg_ids,
-              "generated_ids": gen, "codes": codes}
+              "do_sample": False, "dtype": "float32", "device": str(model.device), "input_ids": prompt_ids,
+              "negative_prompt_ids": neg_ids, "generated_ids": gen, "codes": codes}
     with open(os.path.join(cdir, "gen_tokens.json"), "w") as f:
         json.dump(record, f)
     vqlib.write_png(os.path.join(cdir, "gen.png"), img)
@@ -179,15 +184,20 @@ def generate_checks(model, tok, sp, k, args, cdir, summary):
           f"in {time.time()-t1:.1f}s; first codes {codes[0][:8]}", flush=True)
     summary["t2i_seconds"] = time.time() - t1
 
-    # An edit from the validation end of the edit codes, if present.
-    codes_path = os.path.join(args.run, "codes", "edit_16x16.npy")
-    if os.path.exists(codes_path):
-        import numpy as np
+    # An edit: from --edit-json (a previous edit_tokens.json) or the validation end of the edit codes.
+    import numpy as np
+    src = None
+    codes_path = os.path.join(args.run or "", "codes", "edit_16x16.npy")
+    if args.edit_json:
+        with open(args.edit_json) as f:
+            prev = json.load(f)
+        src, instr = np.array(prev["source_codes"]), prev["instruction"]
+    elif args.run and os.path.exists(codes_path):
         ecodes = np.load(codes_path, mmap_mode="r")
         with open(os.path.join(args.run, "codes", "edit_16x16.texts.json")) as f:
             instr = json.load(f)[-1]
         src = np.asarray(ecodes[-1, 0]).astype(int)
-        vis0 = toklib.visual_offset(tok, k)
+    if src is not None:
         src_block = "".join("".join(toklib.visual_token(int(c)) for c in row) + S["eol"] for row in src)
         head = S["bos"] + meta + src_block + S["eof"] + S["eov"]
         prompt_ids = tok.encode(head + instr + meta).ids
@@ -195,16 +205,16 @@ def generate_checks(model, tok, sp, k, args, cdir, summary):
         t1 = time.time()
         gen, codes, img = greedy(model, tok, sp, k, prompt_ids, neg_ids, h, w, args.guidance)
         with torch.no_grad():
-            src_img = vqlib.to_u8(model.model.vqmodel.decode(torch.tensor(src)[None]))[0].numpy()
+            src_img = vqlib.to_u8(model.model.vqmodel.decode(torch.tensor(src, device=model.device)[None]))[0].cpu().numpy()
         record = {"task": "edit", "instruction": instr, "grid": [h, w], "guidance_scale": args.guidance,
-                  "do_sample": False, "dtype": "float32", "source_codes": src.tolist(), "input_ids": prompt_ids,
+                  "do_sample": False, "dtype": "float32", "device": str(model.device), "source_codes": src.tolist(),
+                  "input_ids": prompt_ids,
                   "negative_prompt_ids": neg_ids, "generated_ids": gen, "codes": codes}
         with open(os.path.join(cdir, "edit_tokens.json"), "w") as f:
             json.dump(record, f)
         vqlib.write_png(os.path.join(cdir, "edit.png"), np.concatenate([src_img, img], axis=1))
         print(f"[export] greedy edit {instr!r} -> {len(gen)} tokens ending in EOS in {time.time()-t1:.1f}s; "
               f"codes changed vs source: {float((np.array(codes) != src).mean()):.2f}", flush=True)
-        del vis0
 
 
 def dir_size(path):
@@ -213,14 +223,33 @@ def dir_size(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--out", default=None, help="default RUN/export")
+    ap.add_argument("--run", default=None, help="run directory (required unless --check)")
+    ap.add_argument("--out", default=None, help="default RUN/export (with --check: DIR/check)")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--guidance", type=float, default=GUIDANCE)
     ap.add_argument("--max-shard", default=MAX_SHARD)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the greedy check runs (float32, TF32 off)")
+    ap.add_argument("--check", default=None, metavar="DIR",
+                    help="only rerun the greedy checks on a shipped model (DIR/weights, DIR/tokenizer)")
+    ap.add_argument("--edit-json", default=None, help="edit source + instruction from a previous edit_tokens.json")
     args = ap.parse_args()
     from transformers import Emu3ForConditionalGeneration
     t0 = time.time()
+    if args.check:
+        from tokenizers import Tokenizer
+        cdir = args.out or os.path.join(args.check, "check")
+        os.makedirs(cdir, exist_ok=True)
+        model = Emu3ForConditionalGeneration.from_pretrained(os.path.join(args.check, "weights"), dtype=torch.float32)
+        model = model.to(args.device).eval()
+        tok = Tokenizer.from_file(os.path.join(args.check, "tokenizer", "tokenizer.json"))
+        k = sum(1 for t in tok.get_vocab(with_added_tokens=True) if t.startswith("<|visual token"))
+        summary = {}
+        generate_checks(model, tok, toklib.special_ids(tok), k, args, cdir, summary)
+        print(f"[export] checks done in {time.time()-t0:.1f}s -> {cdir}", flush=True)
+        return
+    if not args.run:
+        ap.error("--run is required (or --check DIR)")
     out = args.out or os.path.join(args.run, "export")
     wdir, tdir, cdir = (os.path.join(out, d) for d in ("weights", "tokenizer", "check"))
     for d in (wdir, tdir, cdir):
@@ -265,7 +294,7 @@ def main():
     assert set(sd) == set(reference), set(sd) ^ set(reference)
     diff = max((sd[n].float() - reference[n].float()).abs().max().item() for n in reference)
     assert diff == 0.0, f"reloaded weights differ by {diff}"
-    model.eval()
+    model = model.to(args.device).eval()
     print(f"[export] reloaded with from_pretrained: {len(sd)} tensors, no missing/unexpected keys, exact", flush=True)
 
     summary = {"shipped_bytes": shipped, "weight_files": files,
