@@ -58,7 +58,7 @@ TINY_VQ_CONFIG = dict(VQ_CONFIG, codebook_size=256, base_channels=32, channel_mu
                       num_res_blocks=1, hidden_size=32)
 SECONDS = 240.0
 BATCH = 128
-LR = 5e-4
+LR = 6e-4                   # ~ taming-transformers: 4.5e-6 x batch
 MIN_LR_FRAC = 0.05
 WARMUP_FRAC = 0.04
 BETAS = (0.9, 0.99)
