@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Stage A (one GPU command, < 10 min): world data + text tokenizer + VQ training + encode.
 #
-#   bash training/stage_a.sh [RUN] [OUTDIR]      (from the repo root; OUTDIR defaults to $OUT)
+#   bash training/stage_a.sh RUN [OUTDIR]      (from the repo root; OUTDIR defaults to $OUT)
 #
-# RUN (default /tmp/tessera-run) keeps everything stage B needs while the machine stays warm.
+# RUN (a scratch directory on the GPU machine's local disk, outside the repository) keeps
+# everything stage B needs while the machine stays warm.
 # OUTDIR receives (7 files): vq.safetensors vq_log.csv recon.png vq_summary.json tokenizer.json
 # tokenizer_config.json stage_a.log. Copy them to training/runs/stage_a/ before stage B: if the
 # machine went cold, stage B rebuilds the data and codes from them.
@@ -11,7 +12,7 @@
 # (loading, final checks, encoding), capped at VQ_MAX.
 # Environment overrides (CPU smoke tests): BUDGET RESERVE_A VQ_MAX PY WORLD PROCS DATA_ARGS TOK_ARGS VQ_ARGS
 set -euo pipefail
-RUN=${1:-/tmp/tessera-run}
+RUN=${1:?usage: bash training/stage_a.sh RUN [OUTDIR]  (RUN: a scratch directory on the local disk)}
 OUTDIR=${2:-${OUT:?set OUT or pass OUTDIR}}
 BUDGET=${BUDGET:-540}
 RESERVE_A=${RESERVE_A:-130}

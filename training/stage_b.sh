@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage B (one GPU command, < 10 min): LM training + export + reload/generate check + packing.
 #
-#   bash training/stage_b.sh [RUN] [OUTDIR]      (from the repo root; OUTDIR defaults to $OUT)
+#   bash training/stage_b.sh RUN [OUTDIR]      (from the repo root; OUTDIR defaults to $OUT)
 #
 # Warm machine: uses RUN/codes, RUN/tokenizer and RUN/vq from stage A. Cold machine (no
 # RUN/codes/DONE): copies vq.safetensors, tokenizer.json, tokenizer_config.json from FROM
@@ -15,7 +15,7 @@
 # (RUN/lm/{lm.safetensors (f16), lm_config.json}) so export.py can be rerun on the CPU machine.
 # Environment overrides (CPU smoke tests): BUDGET RESERVE_B LM_MAX PY WORLD PROCS FROM DATA_ARGS LM_ARGS ENCODE_ARGS
 set -euo pipefail
-RUN=${1:-/tmp/tessera-run}
+RUN=${1:?usage: bash training/stage_b.sh RUN [OUTDIR]  (RUN: a scratch directory on the local disk)}
 OUTDIR=${2:-${OUT:?set OUT or pass OUTDIR}}
 BUDGET=${BUDGET:-540}
 RESERVE_B=${RESERVE_B:-100}
