@@ -1,0 +1,108 @@
+"""Stage 4: encode every training image to a VQ code grid, once (batched, on the GPU).
+
+    python3 training/encode.py --run RUN [--vq RUN/vq/vq.safetensors] [--device cuda] [--batch 512]
+
+Writes RUN/codes/<split>.npy (int16; (N,h,w) for t2i splits, (N,2,h,w) source/target for edits),
+RUN/codes/<split>.texts.json (the caption or instruction of each sample) and RUN/codes/DONE.
+Uses the fp16-rounded VQ that ships, so the LM learns the codes Tessera's encoder produces.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+import vq as vqlib  # noqa: E402
+
+# ----------------------------------------------------------------------------- defaults
+BATCH = 512
+SPLITS = ["t2i_16x16", "t2i_12x20", "t2i_20x12", "edit_16x16"]
+
+
+@torch.no_grad()
+def encode_tensor(vq, u8, batch, amp):
+    """uint8 (N,H,W,3) torch tensor (any device) -> int16 codes (N,h,w) numpy."""
+    dev = next(vq.parameters()).device
+    n, h, w, _ = u8.shape
+    out = torch.empty((n, h // 8, w // 8), dtype=torch.int16, device=dev)
+    for i in range(0, n, batch):
+        with amp():
+            out[i:i + batch] = vqlib.encode_codes(vq, vqlib.to_pixels(u8[i:i + batch].to(dev))).to(torch.int16)
+    return out.cpu().numpy()
+
+
+def encode_split(vq, run, split, u8, batch, amp):
+    """Encodes one split's images (t2i (N,H,W,3) or edit (N,2,H,W,3)), writes codes + texts; returns codes."""
+    t0 = time.time()
+    if u8.ndim == 5:
+        n = u8.shape[0]
+        codes = encode_tensor(vq, u8.reshape(-1, *u8.shape[2:]), batch, amp)
+        codes = codes.reshape(n, 2, *codes.shape[1:])
+    else:
+        codes = encode_tensor(vq, u8, batch, amp)
+    out_dir = os.path.join(run, "codes")
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, f"{split}.npy"), codes)
+    texts = [data.text_of(r) for r in data.load_meta(run, split)]
+    assert len(texts) == codes.shape[0], (split, len(texts), codes.shape)
+    with open(os.path.join(out_dir, f"{split}.texts.json"), "w") as f:
+        json.dump(texts, f)
+    n_img = codes.size // (codes.shape[-1] * codes.shape[-2])
+    print(f"[encode] {split}: codes {codes.shape} in {time.time()-t0:.1f}s ({n_img / max(time.time()-t0, 1e-9):.0f} img/s)",
+          flush=True)
+    return codes
+
+
+def finish(run, all_codes, k, t0):
+    """Codebook usage over all training codes; writes RUN/codes/DONE."""
+    counts = np.zeros(k, dtype=np.int64)
+    for c in all_codes:
+        counts += np.bincount(c.reshape(-1).astype(np.int64), minlength=k)
+    p = counts / max(1, counts.sum())
+    nz = p[p > 0]
+    usage, ppl = float((counts > 0).mean()), float(np.exp(-(nz * np.log(nz)).sum()))
+    with open(os.path.join(run, "codes", "DONE"), "w") as f:
+        json.dump({"codebook_usage": usage, "perplexity": ppl, "seconds": time.time() - t0}, f)
+    print(f"[encode] done in {time.time()-t0:.1f}s; codebook usage over all training codes {usage:.3f}, "
+          f"perplexity {ppl:.0f} (of {k})", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--vq", default=None, help="VQ checkpoint (default RUN/vq/vq.safetensors)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--no-amp", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def amp():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not args.no_amp)
+
+    t0 = time.time()
+    vq, cfg = vqlib.load_vq(args.vq or os.path.join(args.run, "vq", "vq.safetensors"), dev)
+    vqlib.channels_last(vq)
+    all_codes = []
+    for split in SPLITS:
+        if not os.path.exists(os.path.join(args.run, "data", split, "DONE")):
+            print(f"[encode] {split}: no data, skipped", flush=True)
+            continue
+        t1 = time.time()
+        imgs = torch.from_numpy(data.load_images(args.run, split))
+        print(f"[encode] {split}: loaded {tuple(imgs.shape)} in {time.time()-t1:.1f}s", flush=True)
+        all_codes.append(encode_split(vq, args.run, split, imgs, args.batch, amp))
+        del imgs
+    finish(args.run, all_codes, cfg["codebook_size"], t0)
+
+
+if __name__ == "__main__":
+    main()

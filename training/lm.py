@@ -1,0 +1,396 @@
+"""Stage 5: train the Emu3 language model on the unified text/image token sequence.
+
+    python3 training/lm.py --run RUN --seconds 420 [--device cuda]
+
+The model is transformers' `Emu3ForCausalLM(Emu3TextConfig(...))` (SDPA attention, no dropout,
+bf16 autocast). Sequences, with H, W the token grid and "H*W" the meta text (emu3-port-spec §3):
+
+    t2i   BOS caption SOV "H*W" SOT row_0 EOL ... row_{H-1} EOL EOF EOV EOS
+    edit  BOS SOV "H*W" SOT <source rows, EOL-terminated> EOF EOV instruction
+              SOV "H*W" SOT <target rows, EOL-terminated> EOF EOV EOS
+
+BOS=<|extra_203|> SOV=<|image start|> SOT=<|image token|> EOL=<|extra_200|> EOF=<|extra_201|>
+EOV=<|image end|> EOS=<|extra_204|>. A fraction P_UNCOND of captions / instructions is replaced by
+the empty text (the unconditional prompt for classifier-free guidance). The loss covers the target
+image block: its visual tokens and EOL, EOF, EOV, EOS; never the prompt or the source image.
+
+All codes and token ids live on the device. One optimizer step = one micro-batch from every
+bucket (t2i 16x16, 12x20, 20x12, edit 16x16), each right-padded to its own longest sequence;
+sequences are assembled on the device from code grids and padded text ids (no per-sample Python).
+Writes RUN/lm/{lm.safetensors, lm_config.json, lm_log.csv}.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tokenizer as toklib  # noqa: E402  (training/tokenizer.py)
+
+# ----------------------------------------------------------------------------- defaults
+LM_CONFIG = dict(
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=10,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    hidden_act="silu",
+    attention_dropout=0.0,
+    initializer_range=0.02,
+    tie_word_embeddings=False,
+)
+TINY_LM_CONFIG = dict(LM_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+SECONDS = 420.0
+# bucket: (split, kind, sequences per micro-batch)
+BUCKETS = [
+    ("t2i_16x16", "t2i", 112),
+    ("t2i_12x20", "t2i", 24),
+    ("t2i_20x12", "t2i", 24),
+    ("edit_16x16", "edit", 48),
+]
+P_UNCOND = 0.1
+LR = 2e-3
+MIN_LR_FRAC = 0.1
+WARMUP_FRAC = 0.03
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.1
+GRAD_CLIP = 1.0
+VAL_FRAC = 0.01            # last 1% of each bucket: validation loss only
+EVAL_EVERY = 60.0          # seconds
+
+# Sequence layouts, documented in config.json by export.py.
+T2I_LAYOUT = "<|extra_203|>{caption}<|image start|>{H}*{W}<|image token|>{row_0}<|extra_200|>...{row_H-1}<|extra_200|><|extra_201|><|image end|><|extra_204|>"
+EDIT_LAYOUT = ("<|extra_203|><|image start|>{H}*{W}<|image token|>{source rows, each followed by <|extra_200|>}<|extra_201|><|image end|>"
+               "{instruction}<|image start|>{H}*{W}<|image token|>{target rows, each followed by <|extra_200|>}<|extra_201|><|image end|><|extra_204|>")
+
+
+def grid_of(split):
+    h, w = split.split("_")[1].split("x")
+    return int(h), int(w)
+
+
+class Bucket:
+    """One sequence layout and grid: codes and padded text ids on the device, batches built there."""
+
+    def __init__(self, name, kind, batch, codes, texts, tok, sp, voff, device, val_frac, p_uncond):
+        self.name, self.kind, self.batch, self.p_uncond = name, kind, batch, p_uncond
+        self.h, self.w = grid_of(name)
+        self.device = device
+        self.sp = sp
+        enc = tok.encode_batch(texts)
+        lens = np.array([len(e.ids) for e in enc], dtype=np.int64)
+        tmax = max(1, int(lens.max()))
+        ids = np.full((len(texts), tmax), sp["pad"], dtype=np.int32)
+        for i, e in enumerate(enc):
+            ids[i, :len(e.ids)] = e.ids
+        n = len(texts)
+        n_val = int(n * val_frac) if n >= 200 else 0
+        self.n_train = n - n_val
+        self.codes = torch.from_numpy(codes.astype(np.int64) + voff).to(device)   # visual ids
+        self.text = torch.from_numpy(ids).long().to(device)
+        self.lens = torch.from_numpy(lens).to(device)
+        self.meta = tok.encode(toklib.meta_text(self.h, self.w)).ids
+        self.img_len = self.h * (self.w + 1)
+        self.target_len = self.img_len + 3          # target rows + EOF EOV EOS
+        self.tmax = tmax
+        self._consts = {}
+
+    def _img(self, codes):
+        """(B,h,w) visual ids -> (B, h*(w+1)) rows each followed by EOL."""
+        b = codes.shape[0]
+        eol = torch.full((b, self.h, 1), self.sp["eol"], dtype=torch.long, device=self.device)
+        return torch.cat([codes, eol], dim=2).reshape(b, self.img_len)
+
+    def _const(self, b, toks):
+        key = tuple(toks)
+        if key not in self._consts:   # built once: no host-to-device copies in the hot loop
+            self._consts[key] = torch.tensor(toks, dtype=torch.long, device=self.device)
+        return self._consts[key].expand(b, len(toks))
+
+    def build(self, idx, drop):
+        """Token sequences (B, L) and target mask (B, L) for samples idx; drop: (B,) bool, empty text."""
+        sp, b = self.sp, idx.shape[0]
+        text, lens = self.text[idx], torch.where(drop, torch.zeros_like(self.lens[idx]), self.lens[idx])
+        keep_text = torch.arange(self.tmax, device=self.device)[None, :] < lens[:, None]
+        head = [sp["sov"]] + self.meta + [sp["sot"]]
+        tail = [sp["eof"], sp["eov"], sp["eos"]]
+        ones = lambda n: torch.ones((b, n), dtype=torch.bool, device=self.device)  # noqa: E731
+        zeros = lambda n: torch.zeros((b, n), dtype=torch.bool, device=self.device)  # noqa: E731
+        if self.kind == "t2i":
+            parts = [self._const(b, [sp["bos"]]), text, self._const(b, head), self._img(self.codes[idx]), self._const(b, tail)]
+            keep = [ones(1), keep_text, ones(len(head)), ones(self.img_len), ones(3)]
+            target = [zeros(1), zeros(self.tmax), zeros(len(head)), ones(self.img_len), ones(3)]
+        else:
+            src, tgt = self.codes[idx, 0], self.codes[idx, 1]
+            parts = [self._const(b, [sp["bos"]] + head), self._img(src), self._const(b, [sp["eof"], sp["eov"]]), text,
+                     self._const(b, head), self._img(tgt), self._const(b, tail)]
+            keep = [ones(1 + len(head)), ones(self.img_len), ones(2), keep_text, ones(len(head)), ones(self.img_len), ones(3)]
+            target = [zeros(1 + len(head)), zeros(self.img_len), zeros(2), zeros(self.tmax), zeros(len(head)),
+                      ones(self.img_len), ones(3)]
+        seq, keep, target = torch.cat(parts, 1), torch.cat(keep, 1), torch.cat(target, 1)
+        # Compact: move the kept tokens left (stable), PAD after them; trim to the longest row.
+        order = torch.sort((~keep).to(torch.int32), dim=1, stable=True).indices
+        seq, target = seq.gather(1, order), target.gather(1, order)
+        n_keep = keep.sum(1)
+        length = int(n_keep.max())
+        pos = torch.arange(seq.shape[1], device=self.device)[None, :]
+        seq = torch.where(pos < n_keep[:, None], seq, torch.full_like(seq, sp["pad"]))
+        target = target & (pos < n_keep[:, None])
+        # The targets are always the last target_len kept tokens of a row: n_keep locates them.
+        return seq[:, :length], target[:, :length], n_keep
+
+    def sample(self, gen, batch=None, val=False):
+        b = batch or self.batch
+        lo, hi = (self.n_train, self.codes.shape[0]) if val else (0, self.n_train)
+        if hi <= lo:
+            return None
+        idx = torch.randint(lo, hi, (b,), device=self.device, generator=gen)
+        drop = torch.rand(b, device=self.device, generator=gen) < (0.0 if val else self.p_uncond)
+        return self.build(idx, drop)
+
+
+def seq_loss(model, seq, n_keep, target_len, inner=None):
+    """Sum of token cross-entropies over the target block (the last target_len real tokens of each
+    row), and their count. Mirrors Emu3ForCausalLM.forward (model.model -> lm_head) but computes
+    logits only where needed, with static shapes (no boolean indexing, no host sync).
+    inner: a compiled model.model, if any."""
+    hidden = (inner or model.model)(input_ids=seq[:, :-1]).last_hidden_state       # (B, L-1, d)
+    pos = n_keep[:, None] - target_len + torch.arange(target_len, device=seq.device)[None, :]
+    h = hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1]))     # predicts seq[pos]
+    logits = model.lm_head(h).float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq.gather(1, pos).reshape(-1), reduction="sum")
+    return loss, pos.numel()
+
+
+def build_lm(cfg, vocab_size, sp, device):
+    from transformers import Emu3ForCausalLM, Emu3TextConfig
+    config = Emu3TextConfig(vocab_size=vocab_size, pad_token_id=sp["pad"], bos_token_id=sp["bos"],
+                            eos_token_id=sp["eos"], **cfg)
+    config._attn_implementation = "sdpa"
+    return Emu3ForCausalLM(config).to(device), config
+
+
+def lr_at(frac, peak):
+    if frac < WARMUP_FRAC:
+        return peak * max(frac, 1e-3) / WARMUP_FRAC
+    p = min(1.0, (frac - WARMUP_FRAC) / (1 - WARMUP_FRAC))
+    return peak * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def layout_string(kind, text, h, w, rows, source_rows=None):
+    """The sequence as text (what the Rust engine and the tokenizer see). rows: (h, w) code lists."""
+    S = toklib.SPECIALS
+
+    def block(r):
+        return "".join("".join(toklib.visual_token(c) for c in row) + S["eol"] for row in r)
+
+    meta = S["sov"] + toklib.meta_text(h, w) + S["sot"]
+    end = S["eof"] + S["eov"]
+    if kind == "t2i":
+        return S["bos"] + text + meta + block(rows) + end + S["eos"]
+    return S["bos"] + meta + block(source_rows) + end + text + meta + block(rows) + end + S["eos"]
+
+
+def check_layout(bucket, tok, sp):
+    """Every device-built sequence equals the tokenizer's encoding of the layout string (with and
+    without the text), is right-padded with PAD, and its target mask covers exactly the target block."""
+    n = min(8, bucket.codes.shape[0])
+    idx = torch.arange(n, device=bucket.device)
+    for drop in (False, True):
+        seq, target, n_keep = bucket.build(idx, torch.full((n,), drop, device=bucket.device))
+        for i in range(n):
+            row, tmask = seq[i].tolist(), target[i].tolist()
+            text = "" if drop else tok.decode(bucket.text[i, :bucket.lens[i]].tolist())
+            codes = (bucket.codes[i] - sp["vis"]).tolist()
+            if bucket.kind == "t2i":
+                s = layout_string("t2i", text, bucket.h, bucket.w, codes)
+            else:
+                s = layout_string("edit", text, bucket.h, bucket.w, codes[1], codes[0])
+            expect = tok.encode(s).ids
+            assert row[:len(expect)] == expect, (bucket.name, drop, i)
+            assert row[len(expect):] == [sp["pad"]] * (len(row) - len(expect))
+            assert [t for t, m in zip(row, tmask) if m] == expect[-bucket.target_len:]
+            assert n_keep[i].item() == len(expect)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--seconds", type=float, default=SECONDS)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke tests)")
+    ap.add_argument("--config", default=None, help="JSON overrides of the LM config")
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--batch-scale", type=float, default=1.0, help="multiplies every bucket's micro-batch")
+    ap.add_argument("--p-uncond", type=float, default=P_UNCOND)
+    ap.add_argument("--eval-every", type=float, default=EVAL_EVERY)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default: untested there)")
+    ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    use_amp = not args.no_amp
+
+    def amp():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp)
+
+    out_dir = os.path.join(args.run, "lm")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def log(s):
+        print(s, flush=True)
+
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(args.run, "tokenizer", "tokenizer.json"))
+    sp = toklib.special_ids(tok)
+    # The codebook size is the number of visual tokens in the tokenizer.
+    sp["K"] = sum(1 for t in tok.get_vocab(with_added_tokens=True) if t.startswith("<|visual token"))
+    sp["vis"] = toklib.visual_offset(tok, sp["K"])
+    codes_dir = os.path.join(args.run, "codes")
+    t0 = time.time()
+    buckets = []
+    for split, kind, batch in BUCKETS:
+        path = os.path.join(codes_dir, f"{split}.npy")
+        if not os.path.exists(path):
+            log(f"[lm] {split}: no codes, bucket skipped")
+            continue
+        codes = np.load(path)
+        with open(os.path.join(codes_dir, f"{split}.texts.json")) as f:
+            texts = json.load(f)
+        assert codes.max() < sp["K"], "codes exceed the tokenizer's visual tokens"
+        b = Bucket(split, kind, max(1, int(round(batch * args.batch_scale))), codes, texts, tok, sp, sp["vis"], dev,
+                   VAL_FRAC, args.p_uncond)
+        check_layout(b, tok, sp)
+        buckets.append(b)
+        log(f"[lm] bucket {split}: {b.codes.shape[0]} samples ({b.n_train} train), grid {b.h}x{b.w}, "
+            f"text tokens max {b.tmax}, target tokens {b.target_len}, micro-batch {b.batch}")
+    assert buckets, "no codes found: run encode.py first"
+    vocab_size = tok.get_vocab_size()
+    cfg = dict(TINY_LM_CONFIG if args.tiny else LM_CONFIG)
+    if args.config:
+        cfg.update(json.loads(args.config))
+    longest = max(b.tmax + b.target_len + 8 + (b.img_len + 2 + 8 if b.kind == "edit" else 0) for b in buckets)
+    assert cfg["max_position_embeddings"] >= longest, f"max_position_embeddings < {longest}"
+    model, config = build_lm(cfg, vocab_size, sp, dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_emb = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    tok_per_step = sum(b.batch * (b.tmax // 2 + b.target_len + (b.img_len + 8 if b.kind == "edit" else 6)) for b in buckets)
+    flop_tok = 6 * (n_params - model.model.embed_tokens.weight.numel()) + 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 400
+    log(f"[lm] vocab {vocab_size}, params {n_params/1e6:.2f}M ({(n_params-n_emb)/1e6:.2f}M non-embedding), "
+        f"~{tok_per_step} tokens/step, ~{flop_tok/1e6:.0f} MFLOP/token (train), longest sequence {longest}; "
+        f"data loaded in {time.time()-t0:.1f}s")
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=BETAS, fused=dev.type == "cuda")
+    inner = torch.compile(model.model, dynamic=True) if args.compile else None
+    model.train()
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(args.seed)
+
+    fcsv = open(os.path.join(out_dir, "lm_log.csv"), "w", newline="")
+    wr = csv.writer(fcsv)
+    names = [b.name for b in buckets]
+    wr.writerow(["step", "seconds", "tokens", "lr", "loss"] + [f"loss_{n}" for n in names] + [f"val_{n}" for n in names])
+
+    t0 = time.time()
+    last_eval, step, tokens = t0, 0, 0
+    acc = torch.zeros(len(buckets) * 2, device=dev)
+    while True:
+        frac = (time.time() - t0) / args.seconds
+        if frac >= 1.0:
+            break
+        lr = lr_at(frac, args.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batches = [b.sample(gen) for b in buckets]
+        n_target = sum(b.batch * b.target_len for b in buckets)
+        opt.zero_grad(set_to_none=True)
+        for j, (b, (seq, _, n_keep)) in enumerate(zip(buckets, batches)):
+            with amp():
+                loss_sum, n = seq_loss(model, seq, n_keep, b.target_len, inner)
+            (loss_sum / n_target).backward()
+            acc[2 * j] += loss_sum.detach()
+            acc[2 * j + 1] += n
+            tokens += seq.numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        step += 1
+        now = time.time()
+        do_eval = now - last_eval >= args.eval_every
+        if step % 50 == 0 or do_eval or step == 1:
+            a = acc.view(-1, 2)
+            per = (a[:, 0] / a[:, 1].clamp_min(1)).tolist()
+            total = (a[:, 0].sum() / a[:, 1].sum().clamp_min(1)).item()
+            acc.zero_()
+            vals = [""] * len(buckets)
+            if do_eval:
+                vals = [f"{v:.4f}" for v in val_loss(model, buckets, gen, amp)]
+                last_eval = time.time()
+            wr.writerow([step, f"{now-t0:.1f}", tokens, f"{lr:.3g}", f"{total:.4f}"] + [f"{v:.4f}" for v in per] + vals)
+            fcsv.flush()
+            log(f"[lm] step {step} {now-t0:.0f}s {tokens/(now-t0)/1e3:.0f}k tok/s lr {lr:.2e} loss {total:.4f} ("
+                + " ".join(f"{n} {v:.3f}" for n, v in zip(names, per)) + ")"
+                + (" | val " + " ".join(vals) if do_eval else ""))
+    train_s = time.time() - t0
+    save_lm(model, config, out_dir)
+    log(f"[lm] wrote {out_dir}/lm.safetensors")
+    vals = val_loss(model, buckets, gen, amp)
+    wr.writerow([step, f"{train_s:.1f}", tokens, "final", ""] + [""] * len(buckets) + [f"{v:.4f}" for v in vals])
+    fcsv.close()
+    log(f"[lm] trained {step} steps, {tokens/1e6:.1f}M tokens in {train_s:.0f}s ({tokens/train_s/1e3:.0f}k tok/s); "
+        f"val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, vals)))
+
+
+@torch.no_grad()
+def val_loss(model, buckets, gen, amp, n=128):
+    model.eval()
+    out = []
+    for b in buckets:
+        got = b.sample(gen, batch=min(n, max(1, b.codes.shape[0] - b.n_train)), val=True)
+        if got is None:
+            out.append(float("nan"))
+            continue
+        with amp():
+            s, c = seq_loss(model, got[0], got[2], b.target_len)
+        out.append((s / c).item())
+    model.train()
+    return out
+
+
+def save_lm(model, config, out_dir):
+    from safetensors.torch import save_file
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out_dir, "lm.safetensors"))
+    with open(os.path.join(out_dir, "lm_config.json"), "w") as f:
+        f.write(config.to_json_string())
+
+
+def load_lm(run_dir, device="cpu"):
+    from safetensors.torch import load_file
+    from transformers import Emu3ForCausalLM, Emu3TextConfig
+    config = Emu3TextConfig.from_json_file(os.path.join(run_dir, "lm", "lm_config.json"))
+    model = Emu3ForCausalLM(config)
+    model.load_state_dict(load_file(os.path.join(run_dir, "lm", "lm.safetensors")), strict=True)
+    return model.to(device), config
+
+
+if __name__ == "__main__":
+    main()
