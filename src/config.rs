@@ -265,7 +265,8 @@ pub struct TesseraMeta {
     pub t2i_layout: Option<String>,
     #[serde(default)]
     pub edit_layout: Option<String>,
-    #[serde(default)]
+    /// Recommended guidance scale (`guidance_scale` in the file).
+    #[serde(default, alias = "guidance_scale")]
     pub cfg: Option<f64>,
     #[serde(default)]
     pub top_k: Option<usize>,
