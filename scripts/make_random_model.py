@@ -369,6 +369,7 @@ def write_weights(out: str, plan, dtype, seed: int, device: str, max_shard_bytes
             weight_map[name] = fname
             total += tensors[name].numel() * tensors[name].element_size()
         save_file(tensors, os.path.join(out, fname), metadata={"format": "pt"})
+        os.chmod(os.path.join(out, fname), 0o644)
         print(f"  wrote {fname} ({len(tensors)} tensors)", file=sys.stderr)
         del tensors
     if n > 1:
@@ -408,12 +409,15 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="where to draw the weights: cpu, cuda, cuda:1 ...")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GB (1e9 bytes)")
     p.add_argument("--tessera-grids", action="store_true", help="add Tessera's metadata block (grids, unconditional prompt)")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's LM layer count (e.g. a 1-layer emu3-gen to test the pipeline)")
     p.add_argument("--verify", action="store_true", help="reload with transformers and run a forward (slow for emu3-gen)")
     args = p.parse_args(argv)
 
     import torch
 
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.layers is not None:
+        preset["text"] = dict(preset["text"], num_hidden_layers=args.layers)
     dtype_name = args.dtype or preset["dtype"]
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype_name]
     if os.path.isdir(args.out) and os.listdir(args.out):
@@ -445,6 +449,7 @@ def main(argv=None):
     vq = sum(int(torch.Size(s).numel()) for n, s, k, _ in plan if n.startswith("vqmodel.") and k != "num_batches_tracked")
     summary = {
         "preset": args.preset,
+        "layers": preset["text"]["num_hidden_layers"],
         "out": args.out,
         "dtype": dtype_name,
         "seed": args.seed,
