@@ -167,11 +167,18 @@ fn bench_image(model: &Model, count: usize, base_repeats: usize) {
     let js = jobs(model, count, params);
     let n = repeats(base_repeats);
     let mut steps = 0;
-    let mut decode = Vec::new();
+    // Wall time between consecutive progress callbacks = one step of the loop (head,
+    // sampling, forward), as the real decode sees it.
+    let mut step_times: Vec<f64> = Vec::new();
     let r = time_it(if count == 1 { 1 } else { 0 }, n, || {
-        let (_, stats) = generate(&model.text, &model.prompter.vocab, &js, &mut |_| {}).unwrap();
+        let mut last = Instant::now();
+        let mut on_step = |_: &tessera::generate::Progress| {
+            let now = Instant::now();
+            step_times.push((now - last).as_secs_f64());
+            last = now;
+        };
+        let (_, stats) = generate(&model.text, &model.prompter.vocab, &js, &mut on_step).unwrap();
         steps = stats.steps;
-        decode.push(stats.decode_secs);
     });
     let tokens = tessera::tokens::block_len(GRID.0, GRID.1);
     let label = format!("image {}x{} cfg 3, n={count}", GRID.0, GRID.1);
@@ -181,6 +188,8 @@ fn bench_image(model: &Model, count: usize, base_repeats: usize) {
         count as f64 / r.0
     );
     report(&label, n, r, &extra);
+    let m = median(&mut step_times);
+    println!("  median loop step inside the image: {:.3} ms ({} steps timed)", m * 1e3, step_times.len());
 }
 
 fn bench_vq(model: &Model) {

@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
     let files = ModelFiles::from_dir(std::path::Path::new(&args.model))?;
     let model = Model::load(files, LoadOptions::default())?;
     let load_s = t0.elapsed().as_secs_f64();
+    let peak_after_load = peak_rss_bytes();
 
     let s = model.spatial_factor() as u32;
     let params = SamplingParams { cfg: args.cfg, temperature: args.temperature, top_k: args.top_k, top_p: 1.0 };
@@ -131,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         "all_generated_ids": tokens.iter().map(|t| &t.tokens).collect::<Vec<_>>(),
         "load_s": load_s,
         "runs": runs,
+        "peak_rss_after_load_bytes": peak_after_load,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{json}");
