@@ -81,7 +81,7 @@ pub struct OutputArgs {
     #[arg(short, long)]
     pub quiet: bool,
 
-    /// Print one JSON line per image (path, seed, timings) on stdout.
+    /// Print one JSON line per image (path, seed, timings, tokens/s, the code grid) on stdout.
     #[arg(long)]
     pub json: bool,
 
@@ -250,10 +250,10 @@ pub fn render_and_save(
     let n = jobs.len();
     let mut reporter = Reporter::new(model, jobs, opts);
     let t_gen = Instant::now();
-    let (images, _codes, stats) = model.run_jobs(jobs, &mut |p| reporter.step(p))?;
+    let (images, codes, stats) = model.run_jobs(jobs, &mut |p| reporter.step(p))?;
     reporter.finish();
     let total_secs = t_gen.elapsed().as_secs_f64();
-    for (i, (img, record)) in images.iter().zip(records).enumerate() {
+    for (i, ((img, record), codes)) in images.iter().zip(records).zip(&codes).enumerate() {
         let path = numbered(output, i, n);
         record.save_png(&path, img).with_context(|| format!("writing {}", path.display()))?;
         if opts.json {
@@ -264,6 +264,7 @@ pub fn render_and_save(
                     "load_secs": load_secs, "prefill_secs": stats.prefill_secs, "decode_secs": stats.decode_secs,
                     "total_secs": total_secs,
                     "tokens_per_sec": (stats.steps as f64 + 1.0) * n as f64 / stats.decode_secs.max(1e-9),
+                    "device": super::common::device_name(model.device()), "codes": codes,
                 })
             );
         } else if !opts.quiet {
