@@ -116,11 +116,13 @@ peak timeout 150 "$T" gen "a red cat sits on a mat." --negative "$NEG" --model /
 echo "tessera rc=$?"; tail -2 /tmp/tess.err; grep PEAK_MIB /tmp/tess.err || true
 record "{\"check\": \"emu3gen_tessera\", \"json\": $(head -c 100000 /tmp/tess.json | python3 -c 'import json,sys; t=sys.stdin.read().strip(); print(t if t else "null")')}"
 
+if [ "${HF:-1}" = 1 ]; then
 step "Emu3-Gen shape: transformers generate, same prompts and processors, bf16"
 peak timeout 200 python3 scripts/torch_reference.py --model /tmp/emu3gen --prompt "a red cat sits on a mat." --grid 32x32 \
   --cfg 3 --dtype bfloat16 --device cuda > /tmp/hf.json 2>/tmp/hf.err
 echo "transformers rc=$?"; tail -3 /tmp/hf.err; grep PEAK_MIB /tmp/hf.err || true
 record "{\"check\": \"emu3gen_transformers\", \"json\": $(python3 -c 'import json,sys; t=open("/tmp/hf.json").read().strip().splitlines(); print(t[-1] if t else "null")')}"
+fi
 python3 - <<'PY' | tee -a "$R"
 import json
 try:

@@ -194,7 +194,8 @@ impl HeadRows {
 
     /// hidden `(b, 1, d)` -> logits of the selected rows, one f32 vector per batch row.
     pub fn forward_rows(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let x = hidden.squeeze(1)?;
+        // CUDA matmul needs a contiguous lhs; the last position of a (b, t, d) batch is strided.
+        let x = hidden.squeeze(1)?.contiguous()?;
         let logits = x.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
     }
