@@ -3,12 +3,17 @@
 //! ```sh
 //! python scripts/make_random_model.py --preset default --out DIR --tessera-grids
 //! TESSERA_BENCH_MODEL=DIR RAYON_NUM_THREADS=2 cargo bench --bench decode [-- SECTION...]
+//! TESSERA_BENCH_MODEL=shipped RAYON_NUM_THREADS=2 cargo bench --bench decode -- vq vqenc
 //! ```
+//!
+//! `TESSERA_BENCH_MODEL=shipped` times the model shipped in this repository (`weights/` and
+//! `tokenizer/`), any other value is a transformers checkpoint directory.
 //!
 //! Sections (all by default): `step` one decode step at batch 2 (conditional + unconditional
 //! row, after the prefill of a ~20-token prompt, and again near the end of a 16x16 image),
 //! `image` a whole 16x16-token image with CFG, `batch8` eight such images in one batch,
-//! `vq` VQ decode of one 16x16 code grid (128x128 pixels with the default model), `load`
+//! `vq` VQ decode of one 16x16 code grid (128x128 pixels with the default model), `vqenc` VQ
+//! encode of one image of that size (a smooth synthetic pattern) into codes, `load`
 //! model load (mmap + build). Every figure is the median over repeats
 //! (`TESSERA_BENCH_REPEATS` scales them). A plain harness: `cargo bench --no-run` only
 //! builds it, and without `TESSERA_BENCH_MODEL` it measures nothing.
@@ -203,10 +208,32 @@ fn bench_vq(model: &Model) {
     report(&format!("vq decode {}x{} codes -> {}x{} px", GRID.0, GRID.1, GRID.1 * s, GRID.0 * s), n, r, "");
 }
 
+fn bench_vq_encode(model: &Model) {
+    let s = model.spatial_factor();
+    let (h, w) = (GRID.0 * s, GRID.1 * s);
+    let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        image::Rgb([(x * 255 / w as u32) as u8, (y * 255 / h as u32) as u8, ((x + y) * 7 % 256) as u8])
+    });
+    let n = repeats(5);
+    let r = time_it(1, n, || {
+        model.encode_image(&img).unwrap();
+    });
+    report(&format!("vq encode {w}x{h} px -> {}x{} codes", GRID.1, GRID.0), n, r, "");
+}
+
+/// `shipped` is the model of this repository, anything else a checkpoint directory.
+fn model_files(spec: &Path) -> ModelFiles {
+    if spec == Path::new("shipped") {
+        ModelFiles::shipped(&tessera::model::shipped_model_dir()).expect("shipped model")
+    } else {
+        ModelFiles::from_dir(spec).expect("model dir")
+    }
+}
+
 fn bench_load(dir: &Path) {
     let n = repeats(10);
     let r = time_it(1, n, || {
-        let files = ModelFiles::from_dir(dir).unwrap();
+        let files = model_files(dir);
         std::hint::black_box(Model::load(files, LoadOptions::default()).unwrap());
     });
     report("model load (mmap + build)", n, r, "");
@@ -219,12 +246,12 @@ fn main() {
         println!("and run  TESSERA_BENCH_MODEL=DIR RAYON_NUM_THREADS=2 cargo bench --bench decode");
         return;
     };
-    let known = ["step", "image", "batch8", "vq", "load"];
+    let known = ["step", "image", "batch8", "vq", "vqenc", "load"];
     let mut chosen: Vec<String> = std::env::args().skip(1).filter(|a| known.contains(&a.as_str())).collect();
     if chosen.is_empty() {
         chosen = known.iter().map(|s| s.to_string()).collect();
     }
-    let model = Model::load(ModelFiles::from_dir(&dir).expect("model dir"), LoadOptions::default()).expect("load");
+    let model = Model::load(model_files(&dir), LoadOptions::default()).expect("load");
     let c = &model.config.text_config;
     println!(
         "model: hidden {} x {} layers, heads {}/{}, intermediate {}, vocab {}, {} codes; threads {}",
@@ -243,6 +270,7 @@ fn main() {
             "image" => bench_image(&model, 1, 5),
             "batch8" => bench_image(&model, 8, 2),
             "vq" => bench_vq(&model),
+            "vqenc" => bench_vq_encode(&model),
             "load" => bench_load(&dir),
             _ => unreachable!(),
         }
