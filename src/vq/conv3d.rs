@@ -6,8 +6,10 @@
 //! of padded frame `t*stride + k` with the weight slice `[:, :, k]`, plus the bias once.
 //! Zero frames contribute nothing, so they are skipped.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::conv2d::Conv2d;
 
 /// The number of zero frames transformers' `Emu3VQVAEConv3d` puts in front of the input.
 const FRONT_PAD: usize = 2;
@@ -17,8 +19,6 @@ pub struct CausalConv3d {
     /// One conv2d per temporal tap; only the last carries the bias.
     taps: Vec<Conv2d>,
     time_stride: usize,
-    /// Spatial zero padding (top, bottom, left, right), applied when it is not symmetric.
-    pad: [usize; 4],
 }
 
 impl CausalConv3d {
@@ -52,17 +52,14 @@ impl CausalConv3d {
         let bias = vb.get(out_ch, "bias")?;
         let (ph, pw) = (kh - sh, kw - sw);
         let pad = [ph / 2 + ph % 2, ph / 2, pw / 2 + pw % 2, pw / 2];
-        let symmetric = pad[0] == pad[1] && pad[2] == pad[3] && pad[0] == pad[2];
-        let cfg = Conv2dConfig { padding: if symmetric { pad[0] } else { 0 }, stride: sh, ..Default::default() };
         let taps = (0..kt)
             .map(|k| {
                 let w = weight.narrow(2, k, 1)?.squeeze(2)?.contiguous()?;
                 let b = (k == kt - 1).then(|| bias.clone());
-                Ok(Conv2d::new(w, b, cfg))
+                Ok(Conv2d::from_weights(w, b, sh, pad))
             })
             .collect::<Result<Vec<_>>>()?;
-        let pad = if symmetric { [0; 4] } else { pad };
-        Ok(Self { taps, time_stride: st, pad })
+        Ok(Self { taps, time_stride: st })
     }
 
     fn kt(&self) -> usize {
@@ -78,10 +75,6 @@ impl CausalConv3d {
         if padded_len < kt {
             candle_core::bail!("conv3d: {} frames are too few for a temporal kernel of {kt}", frames.len());
         }
-        let frames = frames
-            .iter()
-            .map(|f| self.pad_spatial(f))
-            .collect::<Result<Vec<_>>>()?;
         let t_out = (padded_len - kt) / self.time_stride + 1;
         let mut out = Vec::with_capacity(t_out);
         for t in 0..t_out {
@@ -90,11 +83,7 @@ impl CausalConv3d {
             // on the last tap; that tap always lands on a real frame.
             for k in 0..kt {
                 let Some(i) = (t * self.time_stride + k).checked_sub(front) else { continue };
-                let y = self.taps[k].forward(&frames[i])?;
-                acc = Some(match acc {
-                    None => y,
-                    Some(a) => (a + y)?,
-                });
+                acc = Some(self.taps[k].forward_add(&frames[i], acc.as_ref())?);
             }
             match acc {
                 Some(y) => out.push(y),
@@ -102,13 +91,5 @@ impl CausalConv3d {
             }
         }
         Ok(out)
-    }
-
-    fn pad_spatial(&self, x: &Tensor) -> Result<Tensor> {
-        let [top, bottom, left, right] = self.pad;
-        if self.pad == [0; 4] {
-            return Ok(x.clone());
-        }
-        x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)
     }
 }

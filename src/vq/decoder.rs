@@ -2,10 +2,11 @@
 //! then the 2-D up-sampling stack whose every norm is a SpatialNorm conditioned on the
 //! (temporally processed) quantized latent.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::attention::VqAttention;
+use super::conv2d::Conv2d;
 use super::conv3d::CausalConv3d;
 use super::encoder::{AttnLayer, MiddleBlock};
 use super::norm::{Norm, SpatialNorm};
@@ -63,7 +64,6 @@ impl Decoder {
         let mult = &cfg.channel_multiplier;
         let z = cfg.latent_channels;
         let q = Some(cfg.embed_dim);
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
         let time_res_stack = (0..cfg.num_res_blocks)
             .map(|r| TemporalResnetBlock::new(z, z, vb.pp("time_res_stack").pp(r)))
             .collect::<Result<Vec<_>>>()?;
@@ -74,7 +74,7 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let top = c * mult[mult.len() - 1];
-        let conv_in = candle_nn::conv2d(z, top, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(z, top, 3, 1, [1; 4], vb.pp("conv_in"))?;
         let middle = MiddleBlock::new(cfg, top, q, vb.pp("middle_block"))?;
         let vb_up = vb.pp("up_block").pp("up");
         let mut levels = Vec::with_capacity(mult.len());
@@ -95,7 +95,7 @@ impl Decoder {
                 }
             }
             let upsample = if i != 0 {
-                Some(Upsample { conv: candle_nn::conv2d(block_in, block_in, 3, pad1, vb_l.pp("upsample").pp("conv"))? })
+                Some(Upsample { conv: Conv2d::new(block_in, block_in, 3, 1, [1; 4], vb_l.pp("upsample").pp("conv"))? })
             } else {
                 None
             };
@@ -108,7 +108,7 @@ impl Decoder {
             middle,
             levels,
             norm_out: SpatialNorm::new(cfg.embed_dim, c * mult[0], vb.pp("norm_out"))?,
-            conv_out: candle_nn::conv2d(c * mult[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?,
+            conv_out: Conv2d::new(c * mult[0], cfg.out_channels, 3, 1, [1; 4], vb.pp("conv_out"))?,
         })
     }
 
@@ -151,7 +151,7 @@ impl Decoder {
                 h = up.forward(&h)?;
             }
         }
-        let h = self.norm_out.forward(&h, quant)?.silu()?;
+        let h = self.norm_out.forward_silu(&h, quant)?;
         self.conv_out.forward(&h)
     }
 }

@@ -1,12 +1,13 @@
 //! `Emu3VQVAEEncoder`: the 2-D down-sampling stack applied to every frame, then the temporal
 //! down-sampling convolutions and temporal residual blocks over the latent frames.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::attention::VqAttention;
+use super::conv2d::Conv2d;
 use super::conv3d::CausalConv3d;
-use super::norm::{Norm, group_norm};
+use super::norm::{GroupNorm, Norm};
 use super::resnet::{ResnetBlock, TemporalResnetBlock};
 use crate::config::VqConfig;
 
@@ -54,7 +55,7 @@ impl MiddleBlock {
     }
 }
 
-/// Zero-pad right and bottom by one, then a stride-2 3x3 conv.
+/// Zero-pad right and bottom by one, then a stride-2 3x3 conv (the padding is the conv's).
 #[derive(Debug, Clone)]
 struct Downsample {
     conv: Conv2d,
@@ -62,13 +63,11 @@ struct Downsample {
 
 impl Downsample {
     fn new(ch: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { stride: 2, ..Default::default() };
-        Ok(Self { conv: candle_nn::conv2d(ch, ch, 3, cfg, vb.pp("conv"))? })
+        Ok(Self { conv: Conv2d::new(ch, ch, 3, 2, [0, 1, 0, 1], vb.pp("conv"))? })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-        self.conv.forward(&x)
+        self.conv.forward(x)
     }
 }
 
@@ -94,8 +93,7 @@ impl Encoder {
     pub fn new(cfg: &VqConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.base_channels;
         let mult = &cfg.channel_multiplier;
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = candle_nn::conv2d(cfg.in_channels, c, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(cfg.in_channels, c, 3, 1, [1; 4], vb.pp("conv_in"))?;
         let vb_down = vb.pp("down_block").pp("down");
         let mut levels = Vec::with_capacity(mult.len());
         for (i, &m) in mult.iter().enumerate() {
@@ -130,8 +128,8 @@ impl Encoder {
             conv_in,
             levels,
             middle: MiddleBlock::new(cfg, top, None, vb.pp("middle_block"))?,
-            norm_out: group_norm(top, vb.pp("norm_out"))?,
-            conv_out: candle_nn::conv2d(top, z, 3, pad1, vb.pp("conv_out"))?,
+            norm_out: GroupNorm::new(top, vb.pp("norm_out"))?,
+            conv_out: Conv2d::new(top, z, 3, 1, [1; 4], vb.pp("conv_out"))?,
             time_conv,
             time_res_stack,
         })
@@ -152,7 +150,7 @@ impl Encoder {
             }
         }
         let h = self.middle.forward(&h, None)?;
-        let h = self.norm_out.forward(&h)?.silu()?;
+        let h = self.norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 

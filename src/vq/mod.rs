@@ -6,7 +6,9 @@
 //! `temporal_downsample_factor` times on the way in, and decode returns the first frame.
 
 mod attention;
+mod conv2d;
 mod conv3d;
+mod cpu;
 mod decoder;
 mod encoder;
 mod norm;

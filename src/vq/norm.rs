@@ -2,15 +2,214 @@
 //! decoder (GroupNorm modulated by the quantized latent), and BatchNorm3d (eval) in the
 //! temporal blocks.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::conv2d::Conv2d;
+use super::cpu::{is_cpu_f32, silu_f32, simd, tensor, with_f32};
 
 const GROUPS: usize = 32;
 const GN_EPS: f64 = 1e-6;
 const BN_EPS: f64 = 1e-5;
 
-pub fn group_norm(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(GROUPS, channels, GN_EPS, vb)
+/// `nn.GroupNorm(32, ch, eps=1e-6)`. On the CPU in f32 the statistics, the affine map, an
+/// optional SpatialNorm modulation and the SiLU that usually follows are one kernel, parallel
+/// over (image, group), instead of candle's chain of element-wise ops.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// SpatialNorm's modulation `* y + b`, with `y`, `b`: `(b, ch, h', w')` at a resolution that
+/// divides the normalised map's, upsampled (nearest) on the fly.
+struct Modulation<'a> {
+    y: &'a Tensor,
+    b: &'a Tensor,
+}
+
+impl GroupNorm {
+    pub fn new(ch: usize, vb: VarBuilder) -> Result<Self> {
+        Self::from_weights(vb.get(ch, "weight")?, vb.get(ch, "bias")?, GROUPS, GN_EPS)
+    }
+
+    pub fn from_weights(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let ch = weight.dim(0)?;
+        if ch % groups != 0 {
+            candle_core::bail!("GroupNorm: {groups} groups do not divide {ch} channels");
+        }
+        Ok(Self { weight, bias, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, None, false)
+    }
+
+    /// `silu(group_norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, None, true)
+    }
+
+    /// candle's GroupNorm, then the modulation and SiLU as separate ops: the reference, and
+    /// the path for other devices and dtypes.
+    fn forward_candle(&self, x: &Tensor, modulation: Option<&Modulation>, silu: bool) -> Result<Tensor> {
+        let ch = self.weight.dim(0)?;
+        let gn = candle_nn::GroupNorm::new(self.weight.clone(), self.bias.clone(), ch, self.groups, self.eps)?;
+        let mut h = candle_core::Module::forward(&gn, x)?;
+        if let Some(m) = modulation {
+            let (_, _, hh, ww) = x.dims4()?;
+            h = h.mul(&m.y.upsample_nearest2d(hh, ww)?)?.add(&m.b.upsample_nearest2d(hh, ww)?)?;
+        }
+        if silu { h.silu() } else { Ok(h) }
+    }
+
+    fn forward_fused(&self, x: &Tensor, modulation: Option<&Modulation>, silu: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let low = match modulation {
+            Some(m) => Some((m.y.dims4()?, m.b.dims4()?)),
+            None => None,
+        };
+        let integer_factor = low.is_none_or(|(yd, bd)| {
+            yd == bd && yd.0 == b && yd.1 == c && yd.2 > 0 && yd.3 > 0 && h % yd.2 == 0 && w % yd.3 == 0
+        });
+        let cpu = is_cpu_f32(x)
+            && is_cpu_f32(&self.weight)
+            && is_cpu_f32(&self.bias)
+            && modulation.is_none_or(|m| is_cpu_f32(m.y) && is_cpu_f32(m.b));
+        if !cpu || !integer_factor || c != self.weight.dim(0)? {
+            return self.forward_candle(x, modulation, silu);
+        }
+        let gamma = with_f32(&self.weight, |v| v.to_vec())?;
+        let beta = with_f32(&self.bias, |v| v.to_vec())?;
+        let (ym, bm) = match modulation {
+            Some(m) => (Some(with_f32(m.y, |v| v.to_vec())?), Some(with_f32(m.b, |v| v.to_vec())?)),
+            None => (None, None),
+        };
+        let (hq, wq) = low.map_or((h, w), |(yd, _)| (yd.2, yd.3));
+        let shape = GroupShape { c, h, w, cpg: c / self.groups, groups: self.groups, hq, wq };
+        let mut out = vec![0f32; b * c * h * w];
+        with_f32(x, |x| {
+            let len = shape.cpg * h * w;
+            out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(i, (o, xg))| {
+                let (bi, gi) = (i / self.groups, i % self.groups);
+                let m = match (&ym, &bm) {
+                    (Some(y), Some(bb)) => {
+                        let plane = c * hq * wq;
+                        Some((&y[bi * plane..(bi + 1) * plane], &bb[bi * plane..(bi + 1) * plane]))
+                    }
+                    _ => None,
+                };
+                simd(|| normalise_group(&shape, gi, xg, o, &gamma, &beta, m, self.eps, silu));
+            })
+        })?;
+        tensor(out, (b, c, h, w))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GroupShape {
+    c: usize,
+    h: usize,
+    w: usize,
+    /// channels per group
+    cpg: usize,
+    groups: usize,
+    /// the modulation's resolution (h, w when there is none)
+    hq: usize,
+    wq: usize,
+}
+
+/// One group of one image: `xg`, `out` are its `cpg` channel planes. `modulation` is that
+/// image's `(y, b)`, `(c, hq, wq)` each.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn normalise_group(
+    s: &GroupShape,
+    gi: usize,
+    xg: &[f32],
+    out: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    modulation: Option<(&[f32], &[f32])>,
+    eps: f64,
+    silu: bool,
+) {
+    debug_assert_eq!(s.c, s.cpg * s.groups);
+    let n = xg.len();
+    // Two passes in f64 (the group is at most a few hundred KiB, so the second one reads
+    // from the cache): the mean, then the variance around it.
+    let mean = sum_f64(xg) / n as f64;
+    let var = sum_sq_dev_f64(xg, mean) / n as f64;
+    let rstd = 1.0 / (var + eps).sqrt();
+    let mean = mean as f32;
+    let hw = s.h * s.w;
+    let (fh, fw) = (s.h / s.hq, s.w / s.wq);
+    let mut ywide = vec![0f32; if modulation.is_some() { s.w } else { 0 }];
+    let mut bwide = ywide.clone();
+    for cc in 0..s.cpg {
+        let ch = gi * s.cpg + cc;
+        let scale = (gamma[ch] as f64 * rstd) as f32;
+        let shift = beta[ch];
+        let xc = &xg[cc * hw..(cc + 1) * hw];
+        let oc = &mut out[cc * hw..(cc + 1) * hw];
+        match modulation {
+            None => {
+                for (o, &v) in oc.iter_mut().zip(xc) {
+                    let v = (v - mean) * scale + shift;
+                    *o = if silu { silu_f32(v) } else { v };
+                }
+            }
+            Some((y, b)) => {
+                let (yc, bc) = (&y[ch * s.hq * s.wq..][..s.hq * s.wq], &b[ch * s.hq * s.wq..][..s.hq * s.wq]);
+                for yq in 0..s.hq {
+                    // The modulation row at full width, shared by the fh rows it covers.
+                    for (xq, (yw, bw)) in ywide.chunks_exact_mut(fw).zip(bwide.chunks_exact_mut(fw)).enumerate() {
+                        yw.fill(yc[yq * s.wq + xq]);
+                        bw.fill(bc[yq * s.wq + xq]);
+                    }
+                    let rows = yq * fh * s.w..(yq + 1) * fh * s.w;
+                    for (orow, xrow) in oc[rows.clone()].chunks_exact_mut(s.w).zip(xc[rows].chunks_exact(s.w)) {
+                        for (((o, &v), &ym), &bm) in orow.iter_mut().zip(xrow).zip(&ywide).zip(&bwide) {
+                            let v = ((v - mean) * scale + shift) * ym + bm;
+                            *o = if silu { silu_f32(v) } else { v };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sum in f64, eight lanes so that it vectorises.
+#[inline(always)]
+fn sum_f64(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Sum of `(x - mean)^2` in f64.
+#[inline(always)]
+fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            let d = v as f64 - mean;
+            *a += d * d;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// `Emu3VQVAESpatialNorm`: `GroupNorm(x) * conv_y(zq) + conv_b(zq)`, zq resized (nearest) to x.
@@ -23,21 +222,28 @@ pub struct SpatialNorm {
 
 impl SpatialNorm {
     pub fn new(quant_ch: usize, ch: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Default::default();
         Ok(Self {
-            norm_layer: group_norm(ch, vb.pp("norm_layer"))?,
-            conv_y: candle_nn::conv2d(quant_ch, ch, 1, cfg, vb.pp("conv_y"))?,
-            conv_b: candle_nn::conv2d(quant_ch, ch, 1, cfg, vb.pp("conv_b"))?,
+            norm_layer: GroupNorm::new(ch, vb.pp("norm_layer"))?,
+            conv_y: Conv2d::new(quant_ch, ch, 1, 1, [0; 4], vb.pp("conv_y"))?,
+            conv_b: Conv2d::new(quant_ch, ch, 1, 1, [0; 4], vb.pp("conv_b"))?,
         })
     }
 
     /// x: `(b, ch, h, w)`, zq: `(b, quant_ch, h', w')` with h, w multiples of h', w'.
     pub fn forward(&self, x: &Tensor, zq: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+        self.forward_fused(x, zq, false)
+    }
+
+    /// `silu(SpatialNorm(x, zq))`.
+    pub fn forward_silu(&self, x: &Tensor, zq: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, zq, true)
+    }
+
+    fn forward_fused(&self, x: &Tensor, zq: &Tensor, silu: bool) -> Result<Tensor> {
         // 1x1 convs commute with nearest upsampling: apply them at the latent's resolution.
-        let y = self.conv_y.forward(zq)?.upsample_nearest2d(h, w)?;
-        let b = self.conv_b.forward(zq)?.upsample_nearest2d(h, w)?;
-        self.norm_layer.forward(x)?.mul(&y)?.add(&b)
+        let y = self.conv_y.forward(zq)?;
+        let b = self.conv_b.forward(zq)?;
+        self.norm_layer.forward_fused(x, Some(&Modulation { y: &y, b: &b }), silu)
     }
 }
 
@@ -52,7 +258,7 @@ impl Norm {
     /// `quant_ch` is `Some` in the decoder.
     pub fn new(ch: usize, quant_ch: Option<usize>, vb: VarBuilder) -> Result<Self> {
         Ok(match quant_ch {
-            None => Norm::Group(group_norm(ch, vb)?),
+            None => Norm::Group(GroupNorm::new(ch, vb)?),
             Some(q) => Norm::Spatial(SpatialNorm::new(q, ch, vb)?),
         })
     }
@@ -61,6 +267,15 @@ impl Norm {
         match (self, zq) {
             (Norm::Group(n), _) => n.forward(x),
             (Norm::Spatial(n), Some(zq)) => n.forward(x, zq),
+            (Norm::Spatial(_), None) => candle_core::bail!("SpatialNorm needs the quantized latent"),
+        }
+    }
+
+    /// `silu(norm(x))`, in one pass on the CPU.
+    pub fn forward_silu(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
+        match (self, zq) {
+            (Norm::Group(n), _) => n.forward_silu(x),
+            (Norm::Spatial(n), Some(zq)) => n.forward_silu(x, zq),
             (Norm::Spatial(_), None) => candle_core::bail!("SpatialNorm needs the quantized latent"),
         }
     }
@@ -87,5 +302,57 @@ impl BatchNorm {
     /// One frame `(b, ch, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn norm(c: usize, groups: usize) -> GroupNorm {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(1f32, 0.5, c, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+        GroupNorm::from_weights(w, b, groups, GN_EPS).unwrap()
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        let dev = Device::Cpu;
+        // (batch, channels, groups, h, w): odd, non-square, one channel per group, offset means.
+        for &(b, c, g, h, w) in &[(1, 64, 32, 17, 9), (2, 12, 4, 5, 7), (1, 32, 32, 1, 3), (2, 96, 32, 8, 8)] {
+            let x = (Tensor::randn(0f32, 2.0, (b, c, h, w), &dev).unwrap() + 3.0).unwrap();
+            let n = norm(c, g);
+            for silu in [false, true] {
+                let fast = n.forward_fused(&x, None, silu).unwrap();
+                let reference = n.forward_candle(&x, None, silu).unwrap();
+                let d = max_abs_diff(&fast, &reference);
+                assert!(d < 2e-5, "group norm {:?} silu {silu}: max abs diff {d}", (b, c, g, h, w));
+            }
+        }
+    }
+
+    #[test]
+    fn spatial_modulation_matches_candle() {
+        let dev = Device::Cpu;
+        // (batch, channels, h, w, h', w'): factors 1, 2, 8 and unequal ones.
+        for &(b, c, h, w, hq, wq) in &[(1, 64, 16, 24, 2, 3), (2, 32, 6, 10, 3, 5), (1, 32, 5, 7, 5, 7), (1, 64, 16, 8, 2, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap();
+            let y = Tensor::randn(0f32, 1.0, (b, c, hq, wq), &dev).unwrap();
+            let bb = Tensor::randn(0f32, 1.0, (b, c, hq, wq), &dev).unwrap();
+            let m = Modulation { y: &y, b: &bb };
+            let n = norm(c, 32);
+            for silu in [false, true] {
+                let fast = n.forward_fused(&x, Some(&m), silu).unwrap();
+                let reference = n.forward_candle(&x, Some(&m), silu).unwrap();
+                let d = max_abs_diff(&fast, &reference);
+                assert!(d < 2e-5, "spatial norm {:?} silu {silu}: max abs diff {d}", (b, c, h, w, hq, wq));
+            }
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! Residual blocks: the 2-D `Emu3VQVAEResnetBlock` (GroupNorm in the encoder, SpatialNorm in
 //! the decoder) and the temporal `Emu3VQVAETemporalResnetBlock` (BatchNorm3d + causal Conv3d).
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 
+use super::conv2d::Conv2d;
 use super::conv3d::CausalConv3d;
 use super::norm::{BatchNorm, Norm};
 
@@ -18,30 +19,30 @@ pub struct ResnetBlock {
 
 impl ResnetBlock {
     pub fn new(in_ch: usize, out_ch: usize, quant_ch: Option<usize>, vb: VarBuilder) -> Result<Self> {
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
         let nin_shortcut = if in_ch != out_ch {
-            Some(candle_nn::conv2d(in_ch, out_ch, 1, Default::default(), vb.pp("nin_shortcut"))?)
+            Some(Conv2d::new(in_ch, out_ch, 1, 1, [0; 4], vb.pp("nin_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
             norm1: Norm::new(in_ch, quant_ch, vb.pp("norm1"))?,
-            conv1: candle_nn::conv2d(in_ch, out_ch, 3, pad1, vb.pp("conv1"))?,
+            conv1: Conv2d::new(in_ch, out_ch, 3, 1, [1; 4], vb.pp("conv1"))?,
             norm2: Norm::new(out_ch, quant_ch, vb.pp("norm2"))?,
-            conv2: candle_nn::conv2d(out_ch, out_ch, 3, pad1, vb.pp("conv2"))?,
+            conv2: Conv2d::new(out_ch, out_ch, 3, 1, [1; 4], vb.pp("conv2"))?,
             nin_shortcut,
         })
     }
 
     pub fn forward(&self, x: &Tensor, zq: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(x, zq)?.silu()?;
+        let h = self.norm1.forward_silu(x, zq)?;
         let h = self.conv1.forward(&h)?;
-        let h = self.norm2.forward(&h, zq)?.silu()?;
-        let h = self.conv2.forward(&h)?;
-        match &self.nin_shortcut {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
-        }
+        let h = self.norm2.forward_silu(&h, zq)?;
+        // The skip connection is added inside conv2's output pass.
+        let residual = match &self.nin_shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_add(&h, Some(&residual))
     }
 }
 

@@ -1,0 +1,307 @@
+//! The VQ-VAE's 2-D convolution (`nn.Conv2d`), with a CPU f32 kernel.
+//!
+//! candle's CPU conv2d builds its im2col one element at a time (43% of a VQ decode in the
+//! profile of BENCHMARKS.md). Here the input of a band of output rows is unfolded with whole
+//! row copies into a `(C*kh*kw, rows*W_out)` matrix and multiplied by the weight
+//! `(C_out, C*kh*kw)` with one `gemm` call; bands run in parallel on rayon. A 1x1 conv
+//! multiplies the input directly. The bias, and optionally a residual to add (the ResNet
+//! skip connection), are written into the output first and accumulated into, so neither
+//! needs an extra pass. Other devices and dtypes go through candle's conv2d.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::cpu::{SendPtr, is_cpu_f32, tensor, with_f32};
+
+/// About this many f32 of unfolded input per band: 1 MiB, so a band and the weight stay in
+/// the L2 cache while gemm works on them.
+const BAND_ELEMS: usize = 256 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// `(out, in, kh, kw)`
+    weight: Tensor,
+    /// `(out,)`
+    bias: Option<Tensor>,
+    stride: usize,
+    /// Zero padding `[top, bottom, left, right]`.
+    pad: [usize; 4],
+}
+
+/// The shape of one convolution on one input size.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    /// top, left padding (bottom and right only shape `h_out`, `w_out`).
+    pt: usize,
+    pl: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl Geometry {
+    /// Rows of the unfolded matrix: `c_in * kh * kw`.
+    fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pt == 0 && self.pl == 0 && self.h_out == self.h
+            && self.w_out == self.w
+    }
+}
+
+impl Conv2d {
+    /// A square `kernel`, `stride`, and zero padding `[top, bottom, left, right]`; `vb` holds
+    /// `weight (out, in, k, k)` and `bias (out,)`.
+    pub fn new(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, pad: [usize; 4], vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_ch, in_ch, kernel, kernel), "weight")?;
+        let bias = vb.get(out_ch, "bias")?;
+        Ok(Self::from_weights(weight, Some(bias), stride, pad))
+    }
+
+    /// `weight (out, in, kh, kw)`, `bias (out,)`.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, stride: usize, pad: [usize; 4]) -> Self {
+        Self { weight, bias, stride, pad }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(x, None)
+    }
+
+    /// `conv(x) + residual`; the residual has the output's shape.
+    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if is_cpu_f32(x) && is_cpu_f32(&self.weight) && residual.is_none_or(is_cpu_f32) {
+            return self.forward_cpu(x, residual);
+        }
+        let y = self.forward_candle(x)?;
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
+    /// candle's conv2d: the reference, and the path for other devices and dtypes.
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        let [top, bottom, left, right] = self.pad;
+        let (x, padding) = if top == bottom && left == right && top == left {
+            (x.clone(), top)
+        } else {
+            (x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?, 0)
+        };
+        let y = x.conv2d(&self.weight, padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+
+    fn geometry(&self, x: &Tensor) -> Result<(usize, Geometry)> {
+        let (b, c_in, h, w) = x.dims4()?;
+        let (c_out, wc_in, kh, kw) = self.weight.dims4()?;
+        if c_in != wc_in {
+            candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
+        }
+        let [pt, pb, pl, pr] = self.pad;
+        let s = self.stride;
+        let (hp, wp) = (h + pt + pb, w + pl + pr);
+        if hp < kh || wp < kw {
+            candle_core::bail!("conv2d: input {h}x{w} (padded {hp}x{wp}) is smaller than the kernel {kh}x{kw}");
+        }
+        let (h_out, w_out) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
+        Ok((b, Geometry { c_in, c_out, h, w, kh, kw, stride: s, pt, pl, h_out, w_out }))
+    }
+
+    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (b, g) = self.geometry(x)?;
+        let hw_out = g.h_out * g.w_out;
+        let out_shape = (b, g.c_out, g.h_out, g.w_out);
+        // The output starts as bias (+ residual), and gemm accumulates into it.
+        let mut out = match residual {
+            Some(r) => {
+                if r.dims() != [b, g.c_out, g.h_out, g.w_out] {
+                    candle_core::bail!("conv2d: residual {:?} does not match the output {out_shape:?}", r.dims());
+                }
+                with_f32(r, |r| r.to_vec())?
+            }
+            None => vec![0f32; b * g.c_out * hw_out],
+        };
+        let bias = self.bias.as_ref().map(|t| with_f32(t, |v| v.to_vec())).transpose()?;
+        if let Some(bias) = &bias {
+            // plane i is channel i % c_out of image i / c_out
+            out.par_chunks_mut(hw_out).enumerate().for_each(|(i, plane)| {
+                let v = bias[i % g.c_out];
+                plane.iter_mut().for_each(|o| *o += v);
+            });
+        }
+        let accumulate = residual.is_some() || bias.is_some();
+        let dst = SendPtr(out.as_mut_ptr());
+        with_f32(x, |x| {
+            with_f32(&self.weight, |wt| {
+                let (rows_per_band, bands) = bands(&g);
+                (0..b * bands).into_par_iter().for_each(|task| {
+                    let (bi, band) = (task / bands, task % bands);
+                    let oy0 = band * rows_per_band;
+                    let oy1 = (oy0 + rows_per_band).min(g.h_out);
+                    let input = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
+                    // SAFETY: this task writes only output rows oy0..oy1 of image bi.
+                    let dst = unsafe { dst.get().add(bi * g.c_out * hw_out + oy0 * g.w_out) };
+                    band_product(&g, input, wt, oy0, oy1, dst, accumulate);
+                })
+            })
+        })??;
+        tensor(out, out_shape)
+    }
+}
+
+/// Output rows per band and the number of bands for one image.
+fn bands(g: &Geometry) -> (usize, usize) {
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (BAND_ELEMS / g.k().max(1) / g.w_out.max(1)).max(1);
+    // At least two bands per thread when the image allows, so the threads stay balanced.
+    let by_threads = g.h_out.div_ceil(2 * threads).max(1);
+    let rows = by_cache.min(by_threads);
+    (rows, g.h_out.div_ceil(rows))
+}
+
+/// `out[:, oy0..oy1, :] (+)= weight · unfold(input)[:, oy0..oy1, :]` for one image.
+/// `dst` points at output row `oy0` of channel 0; channels are `h_out * w_out` apart.
+fn band_product(g: &Geometry, input: &[f32], weight: &[f32], oy0: usize, oy1: usize, dst: *mut f32, accumulate: bool) {
+    let n = (oy1 - oy0) * g.w_out;
+    let k = g.k();
+    let hw_out = (g.h_out * g.w_out) as isize;
+    let product = |rhs: *const f32, rhs_rs: isize| {
+        // SAFETY: dst has c_out rows of n floats, hw_out apart, that only this band writes;
+        // the weight is (c_out, k) row-major; rhs is (k, n) with rows rhs_rs apart.
+        unsafe {
+            gemm::gemm(
+                g.c_out,
+                n,
+                k,
+                dst,
+                1,
+                hw_out,
+                accumulate,
+                weight.as_ptr(),
+                1,
+                k as isize,
+                rhs,
+                1,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if g.pointwise() {
+        // The input itself is the (c_in, h*w) matrix.
+        product(input[oy0 * g.w..].as_ptr(), (g.h * g.w) as isize);
+        return;
+    }
+    UNFOLD.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(k * n, 0.0);
+        unfold(g, input, oy0, oy1, buf);
+        product(buf.as_ptr(), n as isize);
+    });
+}
+
+thread_local! {
+    /// Each worker's unfolded band, reused between calls.
+    static UNFOLD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// im2col of output rows `oy0..oy1`: row `(c, ky, kx)` of `buf` holds, for each output pixel
+/// of the band, the input pixel under tap `(ky, kx)` of channel `c` (0 in the padding).
+fn unfold(g: &Geometry, input: &[f32], oy0: usize, oy1: usize, buf: &mut [f32]) {
+    let n = (oy1 - oy0) * g.w_out;
+    let (h, w, s) = (g.h as isize, g.w, g.stride);
+    for c in 0..g.c_in {
+        let plane = &input[c * g.h * w..(c + 1) * g.h * w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut buf[((c * g.kh + ky) * g.kw + kx) * n..][..n];
+                // Output columns ox whose input column ox*s + kx - pl is inside the image.
+                let off = kx as isize - g.pl as isize;
+                let lo = ((-off).max(0) as usize).div_ceil(s).min(g.w_out);
+                let hi = ((w as isize - off).max(0) as usize).div_ceil(s).clamp(lo, g.w_out);
+                for (r, oy) in (oy0..oy1).enumerate() {
+                    let dst = &mut row[r * g.w_out..(r + 1) * g.w_out];
+                    let iy = (oy * s + ky) as isize - g.pt as isize;
+                    if iy < 0 || iy >= h {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    let first = (lo * s) as isize + off; // input column of output column lo
+                    if s == 1 {
+                        dst[lo..hi].copy_from_slice(&src[first as usize..first as usize + (hi - lo)]);
+                    } else {
+                        for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[first as usize + i * s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn check(b: usize, c_in: usize, c_out: usize, h: usize, w: usize, k: usize, stride: usize, pad: [usize; 4], bias: bool) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev).unwrap();
+        let wt = (Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev).unwrap() / (c_in * k * k) as f64).unwrap();
+        let bias = bias.then(|| Tensor::randn(0f32, 1.0, c_out, &dev).unwrap());
+        let conv = Conv2d::from_weights(wt, bias, stride, pad);
+        let reference = conv.forward_candle(&x).unwrap();
+        let fast = conv.forward(&x).unwrap();
+        assert_eq!(fast.dims(), reference.dims(), "shape for {:?}", (b, c_in, c_out, h, w, k, stride, pad));
+        let d = max_abs_diff(&fast, &reference);
+        assert!(d < 1e-5, "conv {:?}: max abs diff {d}", (b, c_in, c_out, h, w, k, stride, pad));
+        // With a residual.
+        let r = Tensor::randn(0f32, 1.0, reference.dims(), &dev).unwrap();
+        let d = max_abs_diff(&conv.forward_add(&x, Some(&r)).unwrap(), &(&reference + &r).unwrap());
+        assert!(d < 1e-5, "conv + residual {:?}: max abs diff {d}", (b, c_in, c_out, h, w, k, stride, pad));
+    }
+
+    #[test]
+    fn matches_candle_conv2d() {
+        // 3x3, stride 1, pad 1: odd and non-square sizes, batch 2, channels not multiples of 8.
+        check(1, 3, 5, 7, 11, 3, 1, [1; 4], true);
+        check(2, 13, 17, 16, 9, 3, 1, [1; 4], true);
+        check(1, 64, 32, 33, 20, 3, 1, [1; 4], false);
+        check(1, 4, 4, 1, 1, 3, 1, [1; 4], true);
+        // 1x1.
+        check(2, 9, 6, 5, 7, 1, 1, [0; 4], true);
+        check(1, 128, 64, 16, 16, 1, 1, [0; 4], false);
+        // The encoder's down-sampling: stride 2, padded right and bottom only.
+        check(1, 6, 6, 8, 12, 3, 2, [0, 1, 0, 1], true);
+        check(2, 5, 7, 9, 13, 3, 2, [0, 1, 0, 1], true);
+        // Other padding and strides.
+        check(1, 3, 4, 10, 6, 3, 2, [1; 4], true);
+        check(1, 3, 4, 10, 6, 3, 1, [0; 4], true);
+        check(1, 2, 3, 9, 10, 5, 3, [2, 1, 0, 2], true);
+    }
+}
