@@ -123,42 +123,82 @@ impl Conv2d {
         let (b, g) = self.geometry(x)?;
         let hw_out = g.h_out * g.w_out;
         let out_shape = (b, g.c_out, g.h_out, g.w_out);
-        // The output starts as bias (+ residual), and gemm accumulates into it.
-        let mut out = match residual {
-            Some(r) => {
-                if r.dims() != [b, g.c_out, g.h_out, g.w_out] {
-                    candle_core::bail!("conv2d: residual {:?} does not match the output {out_shape:?}", r.dims());
-                }
-                with_f32(r, |r| r.to_vec())?
-            }
-            None => vec![0f32; b * g.c_out * hw_out],
-        };
-        let bias = self.bias.as_ref().map(|t| with_f32(t, |v| v.to_vec())).transpose()?;
-        if let Some(bias) = &bias {
-            // plane i is channel i % c_out of image i / c_out
-            out.par_chunks_mut(hw_out).enumerate().for_each(|(i, plane)| {
-                let v = bias[i % g.c_out];
-                plane.iter_mut().for_each(|o| *o += v);
-            });
+        if let Some(r) = residual
+            && r.dims() != [b, g.c_out, g.h_out, g.w_out]
+        {
+            candle_core::bail!("conv2d: residual {:?} does not match the output {out_shape:?}", r.dims());
         }
-        let accumulate = residual.is_some() || bias.is_some();
+        let bias = self.bias.as_ref().map(|t| with_f32(t, |v| v.to_vec())).transpose()?;
+        let len = b * g.c_out * hw_out;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         let dst = SendPtr(out.as_mut_ptr());
         with_f32(x, |x| {
             with_f32(&self.weight, |wt| {
-                let (rows_per_band, bands) = bands(&g);
-                (0..b * bands).into_par_iter().for_each(|task| {
-                    let (bi, band) = (task / bands, task % bands);
-                    let oy0 = band * rows_per_band;
-                    let oy1 = (oy0 + rows_per_band).min(g.h_out);
-                    let input = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
-                    // SAFETY: this task writes only output rows oy0..oy1 of image bi.
-                    let dst = unsafe { dst.get().add(bi * g.c_out * hw_out + oy0 * g.w_out) };
-                    band_product(&g, input, wt, oy0, oy1, dst, accumulate);
+                with_f32_opt(residual, |residual| {
+                    let (rows_per_band, bands) = bands(&g);
+                    (0..b * bands).into_par_iter().for_each(|task| {
+                        let (bi, band) = (task / bands, task % bands);
+                        let oy0 = band * rows_per_band;
+                        let oy1 = (oy0 + rows_per_band).min(g.h_out);
+                        let input = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
+                        let at = bi * g.c_out * hw_out + oy0 * g.w_out;
+                        // SAFETY: this task writes only output rows oy0..oy1 of image bi, every
+                        // element of them, and out has room for all images.
+                        unsafe {
+                            let dst = dst.get().add(at);
+                            let accumulate = init_band(&g, dst, oy1 - oy0, bias.as_deref(), residual.map(|r| &r[at..]));
+                            band_product(&g, input, wt, oy0, oy1, dst, accumulate);
+                        }
+                    })
                 })
             })
-        })??;
+        })???;
+        // SAFETY: the bands cover every output row of every image, and each wrote all of its
+        // elements (init_band or gemm with read_dst = false).
+        unsafe { out.set_len(len) };
         tensor(out, out_shape)
     }
+}
+
+/// Run `f` on the f32 data of `t`, if there is one.
+fn with_f32_opt<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
+    match t {
+        Some(t) => with_f32(t, |v| f(Some(v))),
+        None => Ok(f(None)),
+    }
+}
+
+/// Write the starting value of a band's output, bias + residual, and say whether there was
+/// one (gemm then accumulates into it; otherwise gemm overwrites the uninitialised band).
+/// `dst` and `residual` point at the band's first element of channel 0.
+///
+/// # Safety
+/// `dst` must be valid for writes of `c_out` rows of `rows * w_out` floats, `h_out * w_out`
+/// apart.
+unsafe fn init_band(g: &Geometry, dst: *mut f32, rows: usize, bias: Option<&[f32]>, residual: Option<&[f32]>) -> bool {
+    let n = rows * g.w_out;
+    let hw_out = g.h_out * g.w_out;
+    if bias.is_none() && residual.is_none() {
+        return false;
+    }
+    for co in 0..g.c_out {
+        let bv = bias.map_or(0.0, |b| b[co]);
+        // SAFETY: in the rows the caller owns.
+        let d = unsafe { dst.add(co * hw_out) };
+        match residual {
+            Some(r) => {
+                for (i, &v) in r[co * hw_out..co * hw_out + n].iter().enumerate() {
+                    unsafe { d.add(i).write(v + bv) };
+                }
+            }
+            None => {
+                for i in 0..n {
+                    unsafe { d.add(i).write(bv) };
+                }
+            }
+        }
+    }
+    true
 }
 
 /// Output rows per band and the number of bands for one image.
@@ -210,9 +250,11 @@ fn band_product(g: &Geometry, input: &[f32], weight: &[f32], oy0: usize, oy1: us
         return;
     }
     UNFOLD.with_borrow_mut(|buf| {
-        buf.clear();
-        buf.resize(k * n, 0.0);
-        unfold(g, input, oy0, oy1, buf);
+        if buf.len() < k * n {
+            buf.resize(k * n, 0.0);
+        }
+        // unfold writes every element of the first k * n.
+        unfold(g, input, oy0, oy1, &mut buf[..k * n]);
         product(buf.as_ptr(), n as isize);
     });
 }

@@ -2,6 +2,8 @@
 //! decoder (GroupNorm modulated by the quantized latent), and BatchNorm3d (eval) in the
 //! temporal blocks.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -90,10 +92,11 @@ impl GroupNorm {
         };
         let (hq, wq) = low.map_or((h, w), |(yd, _)| (yd.2, yd.3));
         let shape = GroupShape { c, h, w, cpg: c / self.groups, groups: self.groups, hq, wq };
-        let mut out = vec![0f32; b * c * h * w];
+        let mut out: Vec<f32> = Vec::with_capacity(b * c * h * w);
         with_f32(x, |x| {
             let len = shape.cpg * h * w;
-            out.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(i, (o, xg))| {
+            let spare = &mut out.spare_capacity_mut()[..b * c * h * w];
+            spare.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(i, (o, xg))| {
                 let (bi, gi) = (i / self.groups, i % self.groups);
                 let m = match (&ym, &bm) {
                     (Some(y), Some(bb)) => {
@@ -102,9 +105,11 @@ impl GroupNorm {
                     }
                     _ => None,
                 };
-                simd(|| normalise_group(&shape, gi, xg, o, &gamma, &beta, m, self.eps, silu));
+                simd(#[inline(always)] || normalise_group(&shape, gi, xg, o, &gamma, &beta, m, self.eps, silu));
             })
         })?;
+        // SAFETY: normalise_group wrote every element of every group.
+        unsafe { out.set_len(b * c * h * w) };
         tensor(out, (b, c, h, w))
     }
 }
@@ -130,7 +135,7 @@ fn normalise_group(
     s: &GroupShape,
     gi: usize,
     xg: &[f32],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     gamma: &[f32],
     beta: &[f32],
     modulation: Option<(&[f32], &[f32])>,
@@ -159,7 +164,7 @@ fn normalise_group(
             None => {
                 for (o, &v) in oc.iter_mut().zip(xc) {
                     let v = (v - mean) * scale + shift;
-                    *o = if silu { silu_f32(v) } else { v };
+                    o.write(if silu { silu_f32(v) } else { v });
                 }
             }
             Some((y, b)) => {
@@ -174,7 +179,7 @@ fn normalise_group(
                     for (orow, xrow) in oc[rows.clone()].chunks_exact_mut(s.w).zip(xc[rows].chunks_exact(s.w)) {
                         for (((o, &v), &ym), &bm) in orow.iter_mut().zip(xrow).zip(&ywide).zip(&bwide) {
                             let v = ((v - mean) * scale + shift) * ym + bm;
-                            *o = if silu { silu_f32(v) } else { v };
+                            o.write(if silu { silu_f32(v) } else { v });
                         }
                     }
                 }
