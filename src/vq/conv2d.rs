@@ -6,7 +6,8 @@
 //! `(C_out, C*kh*kw)` with one `gemm` call; bands run in parallel on rayon. A 1x1 conv
 //! multiplies the input directly. The bias, and optionally a residual to add (the ResNet
 //! skip connection), are written into the output first and accumulated into, so neither
-//! needs an extra pass. Other devices and dtypes go through candle's conv2d.
+//! needs an extra pass. A conv of a nearest-upsampled input (the decoder's `Upsample`) reads
+//! the small input directly. Other devices and dtypes go through candle's conv2d.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -34,8 +35,11 @@ pub struct Conv2d {
 struct Geometry {
     c_in: usize,
     c_out: usize,
+    /// The input size the conv sees: `up` times the stored input's.
     h: usize,
     w: usize,
+    /// Nearest upsampling factor of the input (1: none).
+    up: usize,
     kh: usize,
     kw: usize,
     stride: usize,
@@ -52,8 +56,14 @@ impl Geometry {
         self.c_in * self.kh * self.kw
     }
 
+    /// Floats per channel of the stored input.
+    fn in_plane(&self) -> usize {
+        (self.h / self.up) * (self.w / self.up)
+    }
+
     fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pt == 0 && self.pl == 0 && self.h_out == self.h
+        self.up == 1
+            && self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pt == 0 && self.pl == 0 && self.h_out == self.h
             && self.w_out == self.w
     }
 }
@@ -76,10 +86,22 @@ impl Conv2d {
         self.forward_add(x, None)
     }
 
+    /// `conv(upsample_nearest(x, up))`, without building the upsampled input on the CPU.
+    pub fn forward_upsampled(&self, x: &Tensor, up: usize) -> Result<Tensor> {
+        if up == 1 {
+            return self.forward(x);
+        }
+        if is_cpu_f32(x) && is_cpu_f32(&self.weight) {
+            return self.forward_cpu(x, None, up);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        self.forward_candle(&x.upsample_nearest2d(h * up, w * up)?)
+    }
+
     /// `conv(x) + residual`; the residual has the output's shape.
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         if is_cpu_f32(x) && is_cpu_f32(&self.weight) && residual.is_none_or(is_cpu_f32) {
-            return self.forward_cpu(x, residual);
+            return self.forward_cpu(x, residual, 1);
         }
         let y = self.forward_candle(x)?;
         match residual {
@@ -103,8 +125,9 @@ impl Conv2d {
         }
     }
 
-    fn geometry(&self, x: &Tensor) -> Result<(usize, Geometry)> {
+    fn geometry(&self, x: &Tensor, up: usize) -> Result<(usize, Geometry)> {
         let (b, c_in, h, w) = x.dims4()?;
+        let (h, w) = (h * up, w * up);
         let (c_out, wc_in, kh, kw) = self.weight.dims4()?;
         if c_in != wc_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the weight expects {wc_in}");
@@ -116,11 +139,11 @@ impl Conv2d {
             candle_core::bail!("conv2d: input {h}x{w} (padded {hp}x{wp}) is smaller than the kernel {kh}x{kw}");
         }
         let (h_out, w_out) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
-        Ok((b, Geometry { c_in, c_out, h, w, kh, kw, stride: s, pt, pl, h_out, w_out }))
+        Ok((b, Geometry { c_in, c_out, h, w, up, kh, kw, stride: s, pt, pl, h_out, w_out }))
     }
 
-    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (b, g) = self.geometry(x)?;
+    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>, up: usize) -> Result<Tensor> {
+        let (b, g) = self.geometry(x, up)?;
         let hw_out = g.h_out * g.w_out;
         let out_shape = (b, g.c_out, g.h_out, g.w_out);
         if let Some(r) = residual
@@ -140,7 +163,8 @@ impl Conv2d {
                         let (bi, band) = (task / bands, task % bands);
                         let oy0 = band * rows_per_band;
                         let oy1 = (oy0 + rows_per_band).min(g.h_out);
-                        let input = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
+                        let image = g.c_in * g.in_plane();
+                        let input = &x[bi * image..(bi + 1) * image];
                         let at = bi * g.c_out * hw_out + oy0 * g.w_out;
                         // SAFETY: this task writes only output rows oy0..oy1 of image bi, every
                         // element of them, and out has room for all images.
@@ -249,28 +273,48 @@ fn band_product(g: &Geometry, input: &[f32], weight: &[f32], oy0: usize, oy1: us
         product(input[oy0 * g.w..].as_ptr(), (g.h * g.w) as isize);
         return;
     }
-    UNFOLD.with_borrow_mut(|buf| {
+    SCRATCH.with_borrow_mut(|(buf, rows)| {
         if buf.len() < k * n {
             buf.resize(k * n, 0.0);
         }
         // unfold writes every element of the first k * n.
-        unfold(g, input, oy0, oy1, &mut buf[..k * n]);
+        unfold(g, input, oy0, oy1, &mut buf[..k * n], rows);
         product(buf.as_ptr(), n as isize);
     });
 }
 
 thread_local! {
-    /// Each worker's unfolded band, reused between calls.
-    static UNFOLD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each worker's unfolded band and upsampled input rows, reused between calls.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// im2col of output rows `oy0..oy1`: row `(c, ky, kx)` of `buf` holds, for each output pixel
 /// of the band, the input pixel under tap `(ky, kx)` of channel `c` (0 in the padding).
-fn unfold(g: &Geometry, input: &[f32], oy0: usize, oy1: usize, buf: &mut [f32]) {
+/// With upsampling, the input rows the band reads are first widened into `rows`.
+fn unfold(g: &Geometry, input: &[f32], oy0: usize, oy1: usize, buf: &mut [f32], rows: &mut Vec<f32>) {
     let n = (oy1 - oy0) * g.w_out;
     let (h, w, s) = (g.h as isize, g.w, g.stride);
+    // Input rows iy0..iy1 (of the upsampled input) are the ones the band reads.
+    let iy0 = (oy0 * s).saturating_sub(g.pt).min(g.h);
+    let iy1 = ((oy1 - 1) * s + g.kh).saturating_sub(g.pt).clamp(iy0, g.h);
+    if g.up > 1 && rows.len() < (iy1 - iy0) * w {
+        rows.resize((iy1 - iy0) * w, 0.0);
+    }
     for c in 0..g.c_in {
-        let plane = &input[c * g.h * w..(c + 1) * g.h * w];
+        let stored = &input[c * g.in_plane()..(c + 1) * g.in_plane()];
+        // `plane` holds rows iy0..iy1 from row `base` on.
+        let (plane, base) = if g.up == 1 {
+            (stored, 0)
+        } else {
+            let ws = w / g.up;
+            for (iy, row) in (iy0..iy1).zip(rows.chunks_exact_mut(w)) {
+                let src = &stored[(iy / g.up) * ws..(iy / g.up + 1) * ws];
+                for (d, &v) in row.chunks_exact_mut(g.up).zip(src) {
+                    d.fill(v);
+                }
+            }
+            (&rows[..(iy1 - iy0) * w], iy0)
+        };
         for ky in 0..g.kh {
             for kx in 0..g.kw {
                 let row = &mut buf[((c * g.kh + ky) * g.kw + kx) * n..][..n];
@@ -285,7 +329,8 @@ fn unfold(g: &Geometry, input: &[f32], oy0: usize, oy1: usize, buf: &mut [f32]) 
                         dst.fill(0.0);
                         continue;
                     }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    let iy = iy as usize - base;
+                    let src = &plane[iy * w..(iy + 1) * w];
                     dst[..lo].fill(0.0);
                     dst[hi..].fill(0.0);
                     let first = (lo * s) as isize + off; // input column of output column lo
@@ -345,5 +390,21 @@ mod tests {
         check(1, 3, 4, 10, 6, 3, 2, [1; 4], true);
         check(1, 3, 4, 10, 6, 3, 1, [0; 4], true);
         check(1, 2, 3, 9, 10, 5, 3, [2, 1, 0, 2], true);
+    }
+
+    #[test]
+    fn upsampled_input_matches_candle() {
+        let dev = Device::Cpu;
+        for &(b, c_in, c_out, h, w, up) in &[(1, 8, 8, 5, 7, 2), (2, 3, 5, 4, 4, 2), (1, 64, 16, 9, 3, 2), (1, 4, 4, 3, 2, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev).unwrap();
+            let wt = (Tensor::randn(0f32, 1.0, (c_out, c_in, 3, 3), &dev).unwrap() / (c_in * 9) as f64).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, c_out, &dev).unwrap();
+            let conv = Conv2d::from_weights(wt, Some(bias), 1, [1; 4]);
+            let reference = conv.forward_candle(&x.upsample_nearest2d(h * up, w * up).unwrap()).unwrap();
+            let fast = conv.forward_upsampled(&x, up).unwrap();
+            assert_eq!(fast.dims(), reference.dims());
+            let d = max_abs_diff(&fast, &reference);
+            assert!(d < 1e-5, "upsampled conv {:?}: max abs diff {d}", (b, c_in, c_out, h, w, up));
+        }
     }
 }

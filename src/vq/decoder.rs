@@ -26,7 +26,7 @@ impl TemporalUpsample {
     }
 }
 
-/// Nearest x2 in space, then a 3x3 conv.
+/// Nearest x2 in space, then a 3x3 conv (which reads the small input directly).
 #[derive(Debug, Clone)]
 struct Upsample {
     conv: Conv2d,
@@ -34,8 +34,7 @@ struct Upsample {
 
 impl Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.conv.forward_upsampled(x, 2)
     }
 }
 
