@@ -144,10 +144,13 @@ fn normalise_group(
 ) {
     debug_assert_eq!(s.c, s.cpg * s.groups);
     let n = xg.len();
-    // Two passes in f64 (the group is at most a few hundred KiB, so the second one reads
-    // from the cache): the mean, then the variance around it.
-    let mean = sum_f64(xg) / n as f64;
-    let var = sum_sq_dev_f64(xg, mean) / n as f64;
+    // One pass of f64 sums around the group's first value (f64 keeps E[d^2] - E[d]^2 exact
+    // enough for any f32 activations; the shift guards against a large common offset).
+    let pivot = xg.first().copied().unwrap_or(0.0) as f64;
+    let (sum, sum_sq) = sums_f64(xg, pivot);
+    let mean_d = sum / n as f64;
+    let var = (sum_sq / n as f64 - mean_d * mean_d).max(0.0);
+    let mean = pivot + mean_d;
     let rstd = 1.0 / (var + eps).sqrt();
     let mean = mean as f32;
     let hw = s.h * s.w;
@@ -188,33 +191,26 @@ fn normalise_group(
     }
 }
 
-/// Sum in f64, eight lanes so that it vectorises.
+/// Sums of `x - pivot` and of its square in f64, eight lanes so that they vectorise.
 #[inline(always)]
-fn sum_f64(x: &[f32]) -> f64 {
+fn sums_f64(x: &[f32], pivot: f64) -> (f64, f64) {
     let mut acc = [0f64; 8];
+    let mut acc_sq = [0f64; 8];
     let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    let (mut sum, mut sum_sq) = (0f64, 0f64);
+    for &v in chunks.remainder() {
+        let d = v as f64 - pivot;
+        sum += d;
+        sum_sq += d * d;
+    }
     for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v as f64;
+        for ((a, q), &v) in acc.iter_mut().zip(acc_sq.iter_mut()).zip(c) {
+            let d = v as f64 - pivot;
+            *a += d;
+            *q += d * d;
         }
     }
-    acc.iter().sum::<f64>() + tail
-}
-
-/// Sum of `(x - mean)^2` in f64.
-#[inline(always)]
-fn sum_sq_dev_f64(x: &[f32], mean: f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64 - mean).powi(2)).sum();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            let d = v as f64 - mean;
-            *a += d * d;
-        }
-    }
-    acc.iter().sum::<f64>() + tail
+    (sum + acc.iter().sum::<f64>(), sum_sq + acc_sq.iter().sum::<f64>())
 }
 
 /// `Emu3VQVAESpatialNorm`: `GroupNorm(x) * conv_y(zq) + conv_b(zq)`, zq resized (nearest) to x.
