@@ -13,7 +13,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::cpu::{SendPtr, is_cpu_f32, tensor, with_f32};
+use super::cpu::{SendPtr, is_cpu_f32, simd, tensor, with_f32};
 
 /// About this many f32 of unfolded input per band: 1 MiB, so a band and the weight stay in
 /// the L2 cache while gemm works on them.
@@ -278,7 +278,7 @@ fn band_product(g: &Geometry, input: &[f32], weight: &[f32], oy0: usize, oy1: us
             buf.resize(k * n, 0.0);
         }
         // unfold writes every element of the first k * n.
-        unfold(g, input, oy0, oy1, &mut buf[..k * n], rows);
+        simd(#[inline(always)] || unfold(g, input, oy0, oy1, &mut buf[..k * n], rows));
         product(buf.as_ptr(), n as isize);
     });
 }
@@ -291,6 +291,7 @@ thread_local! {
 /// im2col of output rows `oy0..oy1`: row `(c, ky, kx)` of `buf` holds, for each output pixel
 /// of the band, the input pixel under tap `(ky, kx)` of channel `c` (0 in the padding).
 /// With upsampling, the input rows the band reads are first widened into `rows`.
+#[inline(always)]
 fn unfold(g: &Geometry, input: &[f32], oy0: usize, oy1: usize, buf: &mut [f32], rows: &mut Vec<f32>) {
     let n = (oy1 - oy0) * g.w_out;
     let (h, w, s) = (g.h as isize, g.w, g.stride);
@@ -334,11 +335,24 @@ fn unfold(g: &Geometry, input: &[f32], oy0: usize, oy1: usize, buf: &mut [f32], 
                     dst[..lo].fill(0.0);
                     dst[hi..].fill(0.0);
                     let first = (lo * s) as isize + off; // input column of output column lo
+                    let first = first as usize;
                     if s == 1 {
-                        dst[lo..hi].copy_from_slice(&src[first as usize..first as usize + (hi - lo)]);
-                    } else {
-                        for (i, d) in dst[lo..hi].iter_mut().enumerate() {
-                            *d = src[first as usize + i * s];
+                        dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else if hi > lo {
+                        // Every s-th input column; pairs of columns for s = 2 (the encoder's
+                        // down-sampling), which vectorises.
+                        let src = &src[first..first + (hi - lo - 1) * s + 1];
+                        let dst = &mut dst[lo..hi];
+                        if s == 2 {
+                            let (body, last) = dst.split_at_mut(hi - lo - 1);
+                            for (d, pair) in body.iter_mut().zip(src.chunks_exact(2)) {
+                                *d = pair[0];
+                            }
+                            last[0] = src[src.len() - 1];
+                        } else {
+                            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                                *d = v;
+                            }
                         }
                     }
                 }
@@ -356,6 +370,7 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn check(b: usize, c_in: usize, c_out: usize, h: usize, w: usize, k: usize, stride: usize, pad: [usize; 4], bias: bool) {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev).unwrap();
