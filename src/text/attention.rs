@@ -1,17 +1,18 @@
 //! Grouped-query self-attention with RoPE and a key/value cache (`Emu3Attention`).
 
 use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{Linear, VarBuilder};
+
+use super::linear::Linear;
 
 use super::rope::RotaryEmbedding;
 use crate::config::TextConfig;
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj | k_proj | v_proj stacked: one pass over their weights per step.
+    qkv_proj: Linear,
     o_proj: Linear,
     heads: usize,
     kv_heads: usize,
@@ -28,11 +29,10 @@ impl Attention {
                 candle_nn::linear_no_bias(i, o, vb.pp(name))
             }
         };
+        let o = lin(h * hd, d, "o_proj")?;
         Ok(Self {
-            q_proj: lin(d, h * hd, "q_proj")?,
-            k_proj: lin(d, kv * hd, "k_proj")?,
-            v_proj: lin(d, kv * hd, "v_proj")?,
-            o_proj: lin(h * hd, d, "o_proj")?,
+            qkv_proj: Linear::fused(&[lin(d, h * hd, "q_proj")?, lin(d, kv * hd, "k_proj")?, lin(d, kv * hd, "v_proj")?])?,
+            o_proj: Linear::new(o.weight().clone(), o.bias().cloned())?,
             heads: h,
             kv_heads: kv,
             head_dim: hd,
@@ -50,9 +50,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let q = qkv.narrow(2, 0, h * hd)?.reshape((b, t, h, hd))?.transpose(1, 2)?;
+        let k = qkv.narrow(2, h * hd, kvh * hd)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
+        let v = qkv.narrow(2, (h + kvh) * hd, kvh * hd)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let q = RotaryEmbedding::apply(&q, cos, sin)?;
         let k = RotaryEmbedding::apply(&k, cos, sin)?;
         let (k, v) = cache.append(&k, &v)?; // (b, kvh, kv_len, hd)
