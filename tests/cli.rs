@@ -275,6 +275,9 @@ fn bad_input_gets_one_clear_line() {
     let mut c = tessera();
     c.args(["gen", "a cat", "--model", partial.to_str().unwrap(), "-o", &out]);
     fails_with(c, "no model.safetensors");
+    if !cfg!(feature = "cuda") {
+        fails_with(with_model(&["gen", "a cat", "--device", "cuda", "-o", &out]), "built without CUDA");
+    }
     assert!(!dir.path().join("o.png").exists(), "no output on failure");
     assert!(files_in(dir.path()).iter().all(|f| !f.contains(".tmp")));
 }
