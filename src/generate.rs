@@ -8,11 +8,12 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::text::Emu3TextModel;
+use crate::text::linear::Linear;
 use crate::tokens::{Slot, Vocabulary, block_len, slot};
 
 /// One image to generate.
@@ -184,19 +185,19 @@ fn forced_code(job: &ImageJob, cell: usize) -> Option<u32> {
 
 /// The LM head restricted to some token rows (the visual tokens).
 pub struct HeadRows {
-    weight: Tensor,
+    head: Linear,
 }
 
 impl HeadRows {
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+    pub fn new(weight: Tensor) -> candle_core::Result<Self> {
+        Ok(Self { head: Linear::new(weight, None)? })
     }
 
     /// hidden `(b, 1, d)` -> logits of the selected rows, one f32 vector per batch row.
     pub fn forward_rows(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
         // CUDA matmul needs a contiguous lhs; the last position of a (b, t, d) batch is strided.
         let x = hidden.squeeze(1)?.contiguous()?;
-        let logits = x.matmul(&self.weight.t()?)?.to_dtype(DType::F32)?;
+        let logits = self.head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 }

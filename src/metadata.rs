@@ -41,6 +41,36 @@ pub struct ImageRecord {
 }
 
 impl ImageRecord {
+    /// A text-to-image record for `model`; edits override `task` and the source fields.
+    #[allow(clippy::too_many_arguments)]
+    pub fn t2i(
+        prompt: &str,
+        negative: Option<String>,
+        (width, height): (u32, u32),
+        seed: u64,
+        params: SamplingParams,
+        model: &str,
+        model_hash: &str,
+        dtype: &str,
+    ) -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION").into(),
+            task: "t2i".into(),
+            prompt: prompt.into(),
+            negative,
+            width,
+            height,
+            seed,
+            params,
+            model: model.into(),
+            model_hash: model_hash.into(),
+            dtype: dtype.into(),
+            source_sha256: None,
+            mask_sha256: None,
+            keep_rows: None,
+        }
+    }
+
     /// AUTOMATIC1111's `parameters` text.
     pub fn a1111(&self) -> String {
         let mut s = self.prompt.clone();

@@ -275,6 +275,9 @@ fn bad_input_gets_one_clear_line() {
     let mut c = tessera();
     c.args(["gen", "a cat", "--model", partial.to_str().unwrap(), "-o", &out]);
     fails_with(c, "no model.safetensors");
+    if !cfg!(feature = "cuda") {
+        fails_with(with_model(&["gen", "a cat", "--device", "cuda", "-o", &out]), "built without CUDA");
+    }
     assert!(!dir.path().join("o.png").exists(), "no output on failure");
     assert!(files_in(dir.path()).iter().all(|f| !f.contains(".tmp")));
 }
@@ -295,4 +298,62 @@ fn every_flag_is_documented() {
             assert!(documented, "`tessera {cmd} {flag}` has no help text:\n{help}");
         }
     }
+}
+
+#[test]
+fn preview_draws_rows_in_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.png");
+    let assert = with_model(&["gen", "a cat", "--size", "8x8", "--preview", "--seed", "2", "-o", out.to_str().unwrap()])
+        .env("TERM", "xterm-256color")
+        .env_remove("KITTY_WINDOW_ID")
+        .env_remove("TERM_PROGRAM")
+        .assert()
+        .success();
+    let err = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    // Half-block cells with 24-bit colours, redrawn once per finished token row (4 rows).
+    assert!(err.contains('▀') && err.contains("\x1b[38;2;"), "{err}");
+    assert!(err.matches("\x1b[0m").count() >= 4, "{err}");
+}
+
+#[test]
+fn the_shipped_model_is_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("red.png");
+    let assert = tessera()
+        .args(["gen", "a red circle", "--seed", "1", "-q", "--json", "-o", out.to_str().unwrap()])
+        .assert()
+        .success();
+    let line: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    assert_eq!(line["codes"].as_array().unwrap().len(), 256);
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 128));
+    assert_eq!(tessera::metadata::ImageRecord::read_png(&out).unwrap().model, "default");
+    tessera().args(["info"]).assert().success().stdout(predicate::str::contains("128x128 px (16x16 tokens)"));
+    tessera()
+        .args(["gen", "a red circle", "--size", "100x100", "-o", out.to_str().unwrap()])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("valid sizes: 128x128, 160x96, 96x160"));
+}
+
+#[test]
+fn instruction_edit_on_the_shipped_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let scene = dir.path().join("scene");
+    tessera()
+        .args(["world", "sample", "--count", "1", "--seed", "77", "--task", "edit", "--out", scene.to_str().unwrap()])
+        .assert()
+        .success();
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(scene.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let source = scene.join(line["source"].as_str().unwrap());
+    let out = dir.path().join("edited.png");
+    tessera()
+        .args(["edit", source.to_str().unwrap(), line["instruction"].as_str().unwrap(), "--seed", "3", "-q", "-o", out.to_str().unwrap()])
+        .assert()
+        .success();
+    let record = tessera::metadata::ImageRecord::read_png(&out).unwrap();
+    assert_eq!((record.task.as_str(), record.width, record.height), ("edit", 128, 128));
+    assert_eq!(record.prompt, line["instruction"].as_str().unwrap());
 }

@@ -53,12 +53,14 @@ fn lm_logits_prefill_and_cached_steps() {
         let hidden = model.text.forward_hidden(&prompt, &mut cache).unwrap();
         let logits = model.text.logits(&hidden).unwrap();
         let e = rel_err(&logits, &r["lm_prefill_logits"]);
+        println!("{name}: prefill logits relative error {e:.2e}");
         assert!(e < 1e-4, "{name}: prefill logits relative error {e}");
         let steps = ids(&r["lm_step_ids"]);
         for (i, &t) in steps.iter().enumerate() {
             let x = Tensor::new(&[[t]], &Device::Cpu).unwrap();
             let l = model.text.forward_last(&x, &mut cache).unwrap();
             let e = rel_err(&l.squeeze(0).unwrap(), &r["lm_step_logits"].i(i).unwrap());
+            println!("{name}: cached step {i} logits relative error {e:.2e}");
             assert!(e < 1e-4, "{name}: step {i} logits relative error {e}");
         }
     }
@@ -88,6 +90,7 @@ fn vq_encode_non_square_gives_identical_codes() {
         let x = &r["vq_encode_input"];
         let latents = model.vq.encode_latents(x).unwrap();
         let e = rel_err(&latents, &r["vq_encode_latents"]);
+        println!("{name}: pre-quantization latents relative error {e:.2e}");
         assert!(e < 1e-4, "{name}: pre-quantization latents relative error {e}");
         let codes = model.vq.encode(x).unwrap();
         assert_eq!(codes.dims(), r["vq_encode_codes"].dims(), "{name}: code grid shape");
@@ -103,6 +106,7 @@ fn vq_decode_non_square_matches_pixels() {
         let pixels = model.vq.decode(&codes).unwrap();
         assert_eq!(pixels.dims(), r["vq_decode_pixels"].dims());
         let m = max_abs(&pixels, &r["vq_decode_pixels"]);
+        println!("{name}: decode max abs pixel error {m:.2e}");
         assert!(m < 1e-3, "{name}: decode max abs pixel error {m}");
     }
 }

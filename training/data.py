@@ -49,8 +49,10 @@ def grid_of(split):
     return h // PATCH, w // PATCH
 
 
-def shard_seed(split, shard):
-    seed = SEED_BASE + 1000 * SPLIT_INDEX[split] + shard
+def shard_seed(split, shard, base=SEED_BASE):
+    """Seed of one shard. `base` moves the training splits to fresh samples (a second run sees new
+    data); the held-out split always keeps SEED_BASE, so PSNR stays comparable between runs."""
+    seed = (SEED_BASE if split == "heldout" else base) + 1000 * SPLIT_INDEX[split] + shard
     assert seed != BENCH_SEED
     return seed
 
@@ -62,7 +64,7 @@ def plan(split, count, shard_size=SHARD):
     return [(s, base + (1 if s < extra else 0)) for s in range(n)]
 
 
-def generate(run, world, procs, counts, shard_size=SHARD, log=print):
+def generate(run, world, procs, counts, shard_size=SHARD, log=print, seed_base=SEED_BASE):
     """Run the generator for every split in `counts` ({split: n}); skips splits already DONE."""
     jobs = []
     for split, count in counts.items():
@@ -75,7 +77,7 @@ def generate(run, world, procs, counts, shard_size=SHARD, log=print):
         task, w, h, _ = SPLITS[split]
         for shard, n in plan(split, count, shard_size):
             out = os.path.join(root, f"shard_{shard:03d}")
-            cmd = [world, "world", "sample", "--count", str(n), "--seed", str(shard_seed(split, shard)),
+            cmd = [world, "world", "sample", "--count", str(n), "--seed", str(shard_seed(split, shard, seed_base)),
                    "--size", f"{w}x{h}", "--task", task, "--out", out, "--format", "raw"]
             jobs.append((split, out, n, cmd))
     # The binary is itself parallel (rayon): give each process its share of the cores.
@@ -199,6 +201,8 @@ def main():
     ap.add_argument("--procs", type=int, default=PROCS)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every split's count except heldout")
     ap.add_argument("--shard", type=int, default=SHARD, help="samples per generator call")
+    ap.add_argument("--seed-base", type=int, default=SEED_BASE,
+                    help="first seed of the training splits (another value: fresh samples; heldout keeps its seed)")
     for split in SPLITS:
         ap.add_argument(f"--n-{split.replace('_', '-')}", type=int, default=None, help=f"override {split} count")
     args = ap.parse_args()
@@ -207,7 +211,8 @@ def main():
         override = getattr(args, f"n_{split}")
         counts[split] = override if override is not None else (n if split == "heldout" else int(n * args.scale))
     print(f"[data] counts {counts}, procs {args.procs}", flush=True)
-    generate(args.run, args.world, args.procs, counts, args.shard, log=lambda s: print(s, flush=True))
+    generate(args.run, args.world, args.procs, counts, args.shard, log=lambda s: print(s, flush=True),
+             seed_base=args.seed_base)
     for split in SPLITS:
         if counts[split] > 0:
             recs = load_meta(args.run, split)[:1]

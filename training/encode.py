@@ -21,31 +21,32 @@ import data  # noqa: E402
 import vq as vqlib  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
-BATCH = 512
+BATCH = 1024
 SPLITS = ["t2i_16x16", "t2i_12x20", "t2i_20x12", "edit_16x16"]
 
 
 @torch.no_grad()
-def encode_tensor(vq, u8, batch, amp):
-    """uint8 (N,H,W,3) torch tensor (any device) -> int16 codes (N,h,w) numpy."""
+def encode_tensor(vq, u8, batch, amp, fast=True):
+    """uint8 (N,H,W,3) torch tensor (any device) -> int16 codes (N,h,w) numpy. fast: vq.py's
+    fast encoder trunk (same function, bf16 norms; vq.py's check reports the code mismatch)."""
     dev = next(vq.parameters()).device
     n, h, w, _ = u8.shape
     out = torch.empty((n, h // 8, w // 8), dtype=torch.int16, device=dev)
     for i in range(0, n, batch):
         with amp():
-            out[i:i + batch] = vqlib.encode_codes(vq, vqlib.to_pixels(u8[i:i + batch].to(dev))).to(torch.int16)
+            out[i:i + batch] = vqlib.encode_codes(vq, vqlib.to_pixels(u8[i:i + batch].to(dev)), fast=fast).to(torch.int16)
     return out.cpu().numpy()
 
 
-def encode_split(vq, run, split, u8, batch, amp):
+def encode_split(vq, run, split, u8, batch, amp, fast=True):
     """Encodes one split's images (t2i (N,H,W,3) or edit (N,2,H,W,3)), writes codes + texts; returns codes."""
     t0 = time.time()
     if u8.ndim == 5:
         n = u8.shape[0]
-        codes = encode_tensor(vq, u8.reshape(-1, *u8.shape[2:]), batch, amp)
+        codes = encode_tensor(vq, u8.reshape(-1, *u8.shape[2:]), batch, amp, fast)
         codes = codes.reshape(n, 2, *codes.shape[1:])
     else:
-        codes = encode_tensor(vq, u8, batch, amp)
+        codes = encode_tensor(vq, u8, batch, amp, fast)
     out_dir = os.path.join(run, "codes")
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, f"{split}.npy"), codes)
@@ -80,6 +81,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--no-amp", action="store_true")
+    ap.add_argument("--hf-forward", action="store_true", help="transformers' encoder forward instead of the fast trunk")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -99,7 +101,7 @@ def main():
         t1 = time.time()
         imgs = torch.from_numpy(data.load_images(args.run, split))
         print(f"[encode] {split}: loaded {tuple(imgs.shape)} in {time.time()-t1:.1f}s", flush=True)
-        all_codes.append(encode_split(vq, args.run, split, imgs, args.batch, amp))
+        all_codes.append(encode_split(vq, args.run, split, imgs, args.batch, amp, not args.hf_forward))
         del imgs
     finish(args.run, all_codes, cfg["codebook_size"], t0)
 

@@ -15,9 +15,17 @@ the empty text (the unconditional prompt for classifier-free guidance). The loss
 image block: its visual tokens and EOL, EOF, EOV, EOS; never the prompt or the source image.
 
 All codes and token ids live on the device. One optimizer step = one micro-batch from every
-bucket (t2i 16x16, 12x20, 20x12, edit 16x16), each right-padded to its own longest sequence;
-sequences are assembled on the device from code grids and padded text ids (no per-sample Python).
-Writes RUN/lm/{lm.safetensors, lm_config.json, lm_log.csv}.
+bucket (t2i 16x16, 12x20, 20x12, edit 16x16); sequences are assembled on the device from code
+grids and padded text ids (no per-sample Python). The sample indices are drawn on the host (numpy)
+where the text lengths are known, so the batch length needs no device-to-host sync; the three t2i
+buckets run as one right-padded forward (`--no-merge`: one forward per bucket, as in the first
+run), which is exact under causal attention. Writes RUN/lm/{lm.safetensors, lm_config.json,
+lm_log.csv}; `--save-every S` rewrites the checkpoint every S seconds while training.
+
+Warm start (`--init ROOT`): continues from the LM shipped in ROOT/weights (or RUN/lm); the run's
+tokenizer must be the shipped one (checked), so every id keeps its meaning.
+`--profile N` prints torch.profiler's top ops for N steps and exits; `--trace-steps N` prints the
+same table for N steps of the real run.
 """
 
 import argparse
@@ -97,7 +105,9 @@ class Bucket:
             ids[i, :len(e.ids)] = e.ids
         n = len(texts)
         n_val = int(n * val_frac) if n >= 200 else 0
-        self.n_train = n - n_val
+        self.n, self.n_train = n, n - n_val
+        self.device = torch.device(device)
+        self.lens_np = lens
         self.codes = torch.from_numpy(codes.astype(np.int64) + voff).to(device)   # visual ids
         self.text = torch.from_numpy(ids).long().to(device)
         self.lens = torch.from_numpy(lens).to(device)
@@ -105,6 +115,9 @@ class Bucket:
         self.img_len = self.h * (self.w + 1)
         self.target_len = self.img_len + 3          # target rows + EOF EOV EOS
         self.tmax = tmax
+        head = 1 + len(self.meta) + 1               # SOV meta SOT
+        # tokens of a sequence besides its text: known on the host, so is every batch's length
+        self.fixed = 1 + head + self.target_len if kind == "t2i" else 1 + 2 * head + self.img_len + 2 + self.target_len
         self._consts = {}
 
     def _img(self, codes):
@@ -119,8 +132,9 @@ class Bucket:
             self._consts[key] = torch.tensor(toks, dtype=torch.long, device=self.device)
         return self._consts[key].expand(b, len(toks))
 
-    def build(self, idx, drop):
-        """Token sequences (B, L) and target mask (B, L) for samples idx; drop: (B,) bool, empty text."""
+    def build(self, idx, drop, length=None):
+        """Token sequences (B, L) and target mask (B, L) for samples idx; drop: (B,) bool, empty text.
+        length: the longest row (known on the host from the text lengths; None: read it back)."""
         sp, b = self.sp, idx.shape[0]
         text, lens = self.text[idx], torch.where(drop, torch.zeros_like(self.lens[idx]), self.lens[idx])
         keep_text = torch.arange(self.tmax, device=self.device)[None, :] < lens[:, None]
@@ -144,49 +158,79 @@ class Bucket:
         order = torch.sort((~keep).to(torch.int32), dim=1, stable=True).indices
         seq, target = seq.gather(1, order), target.gather(1, order)
         n_keep = keep.sum(1)
-        length = int(n_keep.max())
+        if length is None:
+            length = int(n_keep.max())
         pos = torch.arange(seq.shape[1], device=self.device)[None, :]
         seq = torch.where(pos < n_keep[:, None], seq, torch.full_like(seq, sp["pad"]))
         target = target & (pos < n_keep[:, None])
         # The targets are always the last target_len kept tokens of a row: n_keep locates them.
         return seq[:, :length], target[:, :length], n_keep
 
-    def sample(self, gen, batch=None, val=False):
+    def to_device(self, a):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cuda":   # pinned + non_blocking: no wait for the GPU's queue
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def sample(self, rng, batch=None, val=False):
+        """A micro-batch: (seq (B,L), target mask (B,L), n_keep (B,) on the device, real tokens).
+        rng: numpy Generator; indices and caption drops are drawn on the host."""
         b = batch or self.batch
-        lo, hi = (self.n_train, self.codes.shape[0]) if val else (0, self.n_train)
+        lo, hi = (self.n_train, self.n) if val else (0, self.n_train)
         if hi <= lo:
             return None
-        idx = torch.randint(lo, hi, (b,), device=self.device, generator=gen)
-        drop = torch.rand(b, device=self.device, generator=gen) < (0.0 if val else self.p_uncond)
-        return self.build(idx, drop)
+        idx = rng.integers(lo, hi, b)
+        drop = rng.random(b) < (0.0 if val else self.p_uncond)
+        n_keep = self.fixed + np.where(drop, 0, self.lens_np[idx])
+        seq, target, n_keep_dev = self.build(self.to_device(idx), self.to_device(drop), int(n_keep.max()))
+        return seq, target, n_keep_dev, int(n_keep.sum())
+
+
+def group_loss(model, parts, pad_id, inner=None):
+    """One forward for several micro-batches: parts = [(seq (B_i,L_i), n_keep (B_i,), target_len)].
+    The batches are right-padded with PAD to the longest and stacked (exact: attention is causal
+    and the targets sit before any padding). Returns [(loss sum, token count)] per part: the sum of
+    token cross-entropies over each row's target block (its last target_len real tokens). Mirrors
+    Emu3ForCausalLM.forward (model.model -> lm_head) but computes logits only where needed, with
+    static shapes (no boolean indexing, no host sync). inner: a compiled model.model, if any."""
+    length = max(p[0].shape[1] for p in parts)
+    seq = torch.cat([F.pad(p[0], (0, length - p[0].shape[1]), value=pad_id) for p in parts]) if len(parts) > 1 \
+        else parts[0][0]
+    hidden = (inner or model.model)(input_ids=seq[:, :-1]).last_hidden_state       # (B, L-1, d)
+    hs, ys, counts, row = [], [], [], 0
+    for s_, n_keep, target_len in parts:
+        b = s_.shape[0]
+        pos = n_keep[:, None] - target_len + torch.arange(target_len, device=seq.device)[None, :]
+        h = hidden[row:row + b]
+        hs.append(h.gather(1, (pos - 1)[..., None].expand(-1, -1, h.shape[-1])).reshape(-1, h.shape[-1]))
+        ys.append(seq[row:row + b].gather(1, pos).reshape(-1))                     # predicted by pos - 1
+        counts.append(pos.numel())
+        row += b
+    logits = model.lm_head(torch.cat(hs) if len(hs) > 1 else hs[0]).float()
+    tok = F.cross_entropy(logits, torch.cat(ys) if len(ys) > 1 else ys[0], reduction="none")
+    return [(t.sum(), n) for t, n in zip(tok.split(counts), counts)]
 
 
 def seq_loss(model, seq, n_keep, target_len, inner=None):
-    """Sum of token cross-entropies over the target block (the last target_len real tokens of each
-    row), and their count. Mirrors Emu3ForCausalLM.forward (model.model -> lm_head) but computes
-    logits only where needed, with static shapes (no boolean indexing, no host sync).
-    inner: a compiled model.model, if any."""
-    hidden = (inner or model.model)(input_ids=seq[:, :-1]).last_hidden_state       # (B, L-1, d)
-    pos = n_keep[:, None] - target_len + torch.arange(target_len, device=seq.device)[None, :]
-    h = hidden.gather(1, (pos - 1)[..., None].expand(-1, -1, hidden.shape[-1]))     # predicts seq[pos]
-    logits = model.lm_head(h).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq.gather(1, pos).reshape(-1), reduction="sum")
-    return loss, pos.numel()
+    """(loss sum, count) over the target block of one micro-batch (group_loss with one part)."""
+    return group_loss(model, [(seq, n_keep, target_len)], 0, inner)[0]
 
 
-def build_lm(cfg, vocab_size, sp, device):
+def build_lm(cfg, vocab_size, sp, device, config=None):
+    """Emu3ForCausalLM from cfg (+ vocab and special ids), or from a ready Emu3TextConfig."""
     from transformers import Emu3ForCausalLM, Emu3TextConfig
-    config = Emu3TextConfig(vocab_size=vocab_size, pad_token_id=sp["pad"], bos_token_id=sp["bos"],
-                            eos_token_id=sp["eos"], **cfg)
+    if config is None:
+        config = Emu3TextConfig(vocab_size=vocab_size, pad_token_id=sp["pad"], bos_token_id=sp["bos"],
+                                eos_token_id=sp["eos"], **cfg)
     config._attn_implementation = "sdpa"
     return Emu3ForCausalLM(config).to(device), config
 
 
-def lr_at(frac, peak):
-    if frac < WARMUP_FRAC:
-        return peak * max(frac, 1e-3) / WARMUP_FRAC
-    p = min(1.0, (frac - WARMUP_FRAC) / (1 - WARMUP_FRAC))
-    return peak * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * p)))
+def lr_at(frac, peak, warmup=WARMUP_FRAC, min_frac=MIN_LR_FRAC):
+    if frac < warmup:
+        return peak * max(frac, 1e-3) / warmup
+    p = min(1.0, (frac - warmup) / (1 - warmup))
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def layout_string(kind, text, h, w, rows, source_rows=None):
@@ -223,22 +267,54 @@ def check_layout(bucket, tok, sp):
             assert row[len(expect):] == [sp["pad"]] * (len(row) - len(expect))
             assert [t for t, m in zip(row, tmask) if m] == expect[-bucket.target_len:]
             assert n_keep[i].item() == len(expect)
+            assert bucket.fixed + (0 if drop else int(bucket.lens_np[i])) == len(expect)   # host-side length
+
+
+SYNTH_WORDS = (["a", "an", "the", "draw", "two", "three", "small", "large", "red", "blue", "green", "yellow"],
+               ["circle", "square", "star", "triangle", "sign", "heart"], ["above", "below", "left of", "next to"])
+
+
+def synthetic_codes(tok, sp, n=4000, seed=0):
+    """Random code grids and world-like captions for --profile --synthetic (no RUN/codes)."""
+    rng = np.random.default_rng(seed)
+    a, b, c = SYNTH_WORDS
+    texts = [" ".join([rng.choice(a), rng.choice(a), rng.choice(b), rng.choice(c), rng.choice(a), rng.choice(b)])
+             for _ in range(n)]
+    out = {}
+    for split, kind, _ in BUCKETS:
+        h, w = grid_of(split)
+        shape = (n, 2, h, w) if kind == "edit" else (n, h, w)
+        out[split] = (rng.integers(0, sp["K"], shape), texts)
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
     ap.add_argument("--seconds", type=float, default=SECONDS)
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="unix time by which training must stop (the budget is cut to fit; for stage scripts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke tests)")
     ap.add_argument("--config", default=None, help="JSON overrides of the LM config")
+    ap.add_argument("--init", default=None, metavar="DIR",
+                    help="warm start from a shipped model (ROOT with weights/ + tokenizer/, a weights dir) or a RUN dir")
     ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--warmup", type=float, default=WARMUP_FRAC, help="warm-up fraction of the time budget")
+    ap.add_argument("--min-lr-frac", type=float, default=MIN_LR_FRAC)
     ap.add_argument("--batch-scale", type=float, default=1.0, help="multiplies every bucket's micro-batch")
     ap.add_argument("--p-uncond", type=float, default=P_UNCOND)
     ap.add_argument("--eval-every", type=float, default=EVAL_EVERY)
+    ap.add_argument("--save-every", type=float, default=0.0, help="rewrite RUN/lm/lm.safetensors every S seconds (0: at the end)")
+    ap.add_argument("--no-merge", action="store_true", help="one forward per bucket (the first run's step)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (off by default: untested there)")
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="print torch.profiler's top ops for N steps (merged and per-bucket), then exit")
+    ap.add_argument("--synthetic", action="store_true", help="with --profile: random codes instead of RUN/codes")
+    ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
+                    help="print torch.profiler's top ops for N steps of the real run (after step 30)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -257,22 +333,37 @@ def main():
         print(s, flush=True)
 
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(os.path.join(args.run, "tokenizer", "tokenizer.json"))
+    tok_path = os.path.join(args.run, "tokenizer", "tokenizer.json")
+    init_config, init_sd = None, None
+    if args.init:
+        import warm  # noqa: E402  (training/warm.py)
+        shipped_tok = warm.tokenizer_file(args.init)
+        if not os.path.exists(tok_path) and shipped_tok:
+            tok_path = shipped_tok
+        if shipped_tok and not warm.same_tokenizer(tok_path, shipped_tok):
+            raise SystemExit(f"[lm] --init {args.init}: {tok_path} is not the tokenizer of that model; "
+                             "a warm start needs the same ids (copy its tokenizer/ into RUN/tokenizer)")
+        init_config, init_sd = warm.load_lm_init(args.init)
+    tok = Tokenizer.from_file(tok_path)
     sp = toklib.special_ids(tok)
     # The codebook size is the number of visual tokens in the tokenizer.
     sp["K"] = sum(1 for t in tok.get_vocab(with_added_tokens=True) if t.startswith("<|visual token"))
     sp["vis"] = toklib.visual_offset(tok, sp["K"])
     codes_dir = os.path.join(args.run, "codes")
     t0 = time.time()
+    synth = synthetic_codes(tok, sp) if args.profile and args.synthetic else None
     buckets = []
     for split, kind, batch in BUCKETS:
-        path = os.path.join(codes_dir, f"{split}.npy")
-        if not os.path.exists(path):
-            log(f"[lm] {split}: no codes, bucket skipped")
-            continue
-        codes = np.load(path)
-        with open(os.path.join(codes_dir, f"{split}.texts.json")) as f:
-            texts = json.load(f)
+        if synth is not None:
+            codes, texts = synth[split]
+        else:
+            path = os.path.join(codes_dir, f"{split}.npy")
+            if not os.path.exists(path):
+                log(f"[lm] {split}: no codes, bucket skipped")
+                continue
+            codes = np.load(path)
+            with open(os.path.join(codes_dir, f"{split}.texts.json")) as f:
+                texts = json.load(f)
         assert codes.max() < sp["K"], "codes exceed the tokenizer's visual tokens"
         b = Bucket(split, kind, max(1, int(round(batch * args.batch_scale))), codes, texts, tok, sp, sp["vis"], dev,
                    VAL_FRAC, args.p_uncond)
@@ -282,12 +373,23 @@ def main():
             f"text tokens max {b.tmax}, target tokens {b.target_len}, micro-batch {b.batch}")
     assert buckets, "no codes found: run encode.py first"
     vocab_size = tok.get_vocab_size()
-    cfg = dict(TINY_LM_CONFIG if args.tiny else LM_CONFIG)
-    if args.config:
-        cfg.update(json.loads(args.config))
+    if init_config is not None:
+        assert init_config.vocab_size == vocab_size, (init_config.vocab_size, vocab_size)
+        assert (init_config.pad_token_id, init_config.bos_token_id, init_config.eos_token_id) == \
+            (sp["pad"], sp["bos"], sp["eos"]), "special ids differ from the checkpoint's"
+        cfg = {k: getattr(init_config, k) for k in ("max_position_embeddings", "num_hidden_layers", "hidden_size")}
+        if args.config or args.tiny:
+            log("[lm] --init: the config comes from the checkpoint; --config/--tiny ignored")
+    else:
+        cfg = dict(TINY_LM_CONFIG if args.tiny else LM_CONFIG)
+        if args.config:
+            cfg.update(json.loads(args.config))
     longest = max(b.tmax + b.target_len + 8 + (b.img_len + 2 + 8 if b.kind == "edit" else 0) for b in buckets)
     assert cfg["max_position_embeddings"] >= longest, f"max_position_embeddings < {longest}"
-    model, config = build_lm(cfg, vocab_size, sp, dev)
+    model, config = build_lm(cfg, vocab_size, sp, dev, init_config)
+    if init_sd is not None:
+        model.load_state_dict(init_sd, strict=True)
+        log(f"[lm] warm start from {args.init}")
     n_params = sum(p.numel() for p in model.parameters())
     n_emb = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
     tok_per_step = sum(b.batch * (b.tmax // 2 + b.target_len + (b.img_len + 8 if b.kind == "edit" else 6)) for b in buckets)
@@ -302,36 +404,94 @@ def main():
                             lr=args.lr, betas=BETAS, fused=dev.type == "cuda")
     inner = torch.compile(model.model, dynamic=True) if args.compile else None
     model.train()
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    index = {b.name: j for j, b in enumerate(buckets)}
+
+    def groups_of(merge):
+        if not merge:
+            return [[b] for b in buckets]
+        t2i = [b for b in buckets if b.kind == "t2i"]
+        return ([t2i] if t2i else []) + [[b] for b in buckets if b.kind != "t2i"]
+
+    groups = groups_of(not args.no_merge)
+    n_target = sum(b.batch * b.target_len for b in buckets)
+    acc = torch.zeros(len(buckets) * 2, device=dev)
+    counters = {"tokens": 0, "real": 0}
+
+    def train_step(lr, groups):
+        nonlocal inner
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        for grp in groups:
+            got = [b.sample(rng) for b in grp]
+            parts = [(s[0], s[2], b.target_len) for s, b in zip(got, grp)]
+            try:
+                with amp():
+                    res = group_loss(model, parts, sp["pad"], inner)
+            except Exception as err:  # noqa: BLE001
+                if inner is None:
+                    raise
+                log(f"[lm] compiled model failed ({err!r}); eager from here")
+                inner = None
+                with amp():
+                    res = group_loss(model, parts, sp["pad"], None)
+            (sum(r[0] for r in res) / n_target).backward()
+            for (loss_sum, n), b in zip(res, grp):
+                acc[2 * index[b.name]] += loss_sum.detach()
+                acc[2 * index[b.name] + 1] += n
+            counters["tokens"] += max(s[0].shape[1] for s in got) * sum(s[0].shape[0] for s in got)
+            counters["real"] += sum(s[3] for s in got)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+
+    if args.profile:
+        for merge in (True, False):
+            grps = groups_of(merge)
+            for _ in range(3):
+                train_step(1e-6, grps)
+            sync(dev)
+            t = time.time()
+            tok0 = counters["real"]
+            for _ in range(8):
+                train_step(1e-6, grps)
+            sync(dev)
+            dt = (time.time() - t) / 8
+            log(f"[lm] profile: {'merged t2i' if merge else 'per-bucket'} forwards ({len(grps)} per step): "
+                f"{dt*1e3:.1f} ms/step, {(counters['real'] - tok0) / 8 / dt / 1e3:.0f}k real tok/s")
+        run_profiler(lambda i: train_step(1e-6, groups), args.profile, dev, log)
+        return
 
     fcsv = open(os.path.join(out_dir, "lm_log.csv"), "w", newline="")
     wr = csv.writer(fcsv)
     names = [b.name for b in buckets]
     wr.writerow(["step", "seconds", "tokens", "lr", "loss"] + [f"loss_{n}" for n in names] + [f"val_{n}" for n in names])
 
+    if init_sd is not None:
+        log("[lm] start: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, val_loss(model, buckets, rng, amp))))
     t0 = time.time()
-    last_eval, step, tokens = t0, 0, 0
-    acc = torch.zeros(len(buckets) * 2, device=dev)
+    seconds = args.seconds
+    if args.deadline is not None:
+        seconds = max(10.0, min(seconds, args.deadline - t0))
+    log(f"[lm] training for {seconds:.0f}s: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to {args.min_lr_frac:.0%}), "
+        f"{len(groups)} forwards per step{', compiled' if inner is not None else ''}"
+        + (", warm start" if init_sd is not None else ""))
+    last_eval, last_save, step = t0, t0, 0
+    traced = args.trace_steps <= 0
     while True:
-        frac = (time.time() - t0) / args.seconds
+        frac = (time.time() - t0) / seconds
         if frac >= 1.0:
             break
-        lr = lr_at(frac, args.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batches = [b.sample(gen) for b in buckets]
-        n_target = sum(b.batch * b.target_len for b in buckets)
-        opt.zero_grad(set_to_none=True)
-        for j, (b, (seq, _, n_keep)) in enumerate(zip(buckets, batches)):
-            with amp():
-                loss_sum, n = seq_loss(model, seq, n_keep, b.target_len, inner)
-            (loss_sum / n_target).backward()
-            acc[2 * j] += loss_sum.detach()
-            acc[2 * j + 1] += n
-            tokens += seq.numel()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
+        lr = lr_at(frac, args.lr, args.warmup, args.min_lr_frac)
+        if not traced and step >= 30:
+            traced = True
+            try:
+                run_profiler(lambda i: train_step(lr, groups), args.trace_steps, dev, log)
+                step += args.trace_steps
+            except Exception as err:  # noqa: BLE001
+                log(f"[lm] profiler failed: {err!r}")
+            continue
+        train_step(lr, groups)
         step += 1
         now = time.time()
         do_eval = now - last_eval >= args.eval_every
@@ -342,29 +502,48 @@ def main():
             acc.zero_()
             vals = [""] * len(buckets)
             if do_eval:
-                vals = [f"{v:.4f}" for v in val_loss(model, buckets, gen, amp)]
+                vals = [f"{v:.4f}" for v in val_loss(model, buckets, rng, amp)]
                 last_eval = time.time()
-            wr.writerow([step, f"{now-t0:.1f}", tokens, f"{lr:.3g}", f"{total:.4f}"] + [f"{v:.4f}" for v in per] + vals)
+            wr.writerow([step, f"{now-t0:.1f}", counters["tokens"], f"{lr:.3g}", f"{total:.4f}"]
+                        + [f"{v:.4f}" for v in per] + vals)
             fcsv.flush()
-            log(f"[lm] step {step} {now-t0:.0f}s {tokens/(now-t0)/1e3:.0f}k tok/s lr {lr:.2e} loss {total:.4f} ("
+            el = max(now - t0, 1e-9)
+            log(f"[lm] step {step} {now-t0:.0f}s {counters['real']/el/1e3:.0f}k tok/s "
+                f"({counters['tokens']/el/1e3:.0f}k with padding) lr {lr:.2e} loss {total:.4f} ("
                 + " ".join(f"{n} {v:.3f}" for n, v in zip(names, per)) + ")"
                 + (" | val " + " ".join(vals) if do_eval else ""))
+        if args.save_every > 0 and time.time() - last_save >= args.save_every:
+            save_lm(model, config, out_dir)
+            last_save = time.time()
+            log(f"[lm] checkpoint at step {step} ({last_save - t0:.0f}s)")
     train_s = time.time() - t0
     save_lm(model, config, out_dir)
     log(f"[lm] wrote {out_dir}/lm.safetensors")
-    vals = val_loss(model, buckets, gen, amp)
-    wr.writerow([step, f"{train_s:.1f}", tokens, "final", ""] + [""] * len(buckets) + [f"{v:.4f}" for v in vals])
+    vals = val_loss(model, buckets, rng, amp)
+    wr.writerow([step, f"{train_s:.1f}", counters["tokens"], "final", ""] + [""] * len(buckets) + [f"{v:.4f}" for v in vals])
     fcsv.close()
-    log(f"[lm] trained {step} steps, {tokens/1e6:.1f}M tokens in {train_s:.0f}s ({tokens/train_s/1e3:.0f}k tok/s); "
+    log(f"[lm] trained {step} steps, {counters['real']/1e6:.1f}M tokens ({counters['tokens']/1e6:.1f}M with padding) "
+        f"in {train_s:.0f}s ({counters['real']/train_s/1e3:.0f}k tok/s); "
         f"val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, vals)))
 
 
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_profiler(step_fn, n, dev, log, tag="lm"):
+    """n steps of step_fn under torch.profiler; logs the top ops and the GPU-busy share."""
+    import vq as vqlib  # noqa: E402  (training/vq.py: the same helper)
+    vqlib.run_profiler(step_fn, n, dev, log, tag)
+
+
 @torch.no_grad()
-def val_loss(model, buckets, gen, amp, n=128):
+def val_loss(model, buckets, rng, amp, n=128):
     model.eval()
     out = []
     for b in buckets:
-        got = b.sample(gen, batch=min(n, max(1, b.codes.shape[0] - b.n_train)), val=True)
+        got = b.sample(rng, batch=min(n, max(1, b.codes.shape[0] - b.n_train)), val=True)
         if got is None:
             out.append(float("nan"))
             continue
@@ -376,11 +555,14 @@ def val_loss(model, buckets, gen, amp, n=128):
 
 
 def save_lm(model, config, out_dir):
+    """float32 weights + config; written to temporary files and renamed (a reader never sees half)."""
     from safetensors.torch import save_file
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, os.path.join(out_dir, "lm.safetensors"))
-    with open(os.path.join(out_dir, "lm_config.json"), "w") as f:
+    save_file(sd, os.path.join(out_dir, "lm.safetensors.tmp"))
+    with open(os.path.join(out_dir, "lm_config.json.tmp"), "w") as f:
         f.write(config.to_json_string())
+    os.replace(os.path.join(out_dir, "lm_config.json.tmp"), os.path.join(out_dir, "lm_config.json"))
+    os.replace(os.path.join(out_dir, "lm.safetensors.tmp"), os.path.join(out_dir, "lm.safetensors"))
 
 
 def load_lm(run_dir, device="cpu"):
@@ -388,7 +570,8 @@ def load_lm(run_dir, device="cpu"):
     from transformers import Emu3ForCausalLM, Emu3TextConfig
     config = Emu3TextConfig.from_json_file(os.path.join(run_dir, "lm", "lm_config.json"))
     model = Emu3ForCausalLM(config)
-    model.load_state_dict(load_file(os.path.join(run_dir, "lm", "lm.safetensors")), strict=True)
+    model.load_state_dict({k: v.float() for k, v in load_file(os.path.join(run_dir, "lm", "lm.safetensors")).items()},
+                          strict=True)
     return model.to(device), config
 
 

@@ -10,7 +10,10 @@
 # machine went cold, stage B rebuilds the data and codes from them.
 # The VQ's time budget is what is left of BUDGET seconds after data + tokenizer, minus RESERVE_A
 # (loading, final checks, encoding), capped at VQ_MAX.
-# Environment overrides (CPU smoke tests): BUDGET RESERVE_A VQ_MAX PY WORLD PROCS DATA_ARGS TOK_ARGS VQ_ARGS
+# Warm start: WARM=ROOT (the repo root, with weights/ and tokenizer/) keeps ROOT's tokenizer (the
+# LM's ids must not move) and continues ROOT's VQ (vq.py --init ROOT) instead of starting afresh.
+# If the VQ's fast training forward fails, the VQ reruns once with transformers' forward.
+# Environment overrides (CPU smoke tests): BUDGET RESERVE_A VQ_MAX PY WORLD PROCS DATA_ARGS TOK_ARGS VQ_ARGS WARM
 set -euo pipefail
 RUN=${1:?usage: bash training/stage_a.sh RUN [OUTDIR]  (RUN: a scratch directory on the local disk)}
 OUTDIR=${2:-${OUT:?set OUT or pass OUTDIR}}
@@ -42,12 +45,23 @@ trap copy_out EXIT
   $WORLD --version 2>/dev/null || true
   $PY training/data.py --run "$RUN" --world "$WORLD" --procs "$PROCS" ${DATA_ARGS:-}
   echo "[stage A] data done at $(( $(date +%s) - START ))s"
-  $PY training/tokenizer.py --run "$RUN" ${TOK_ARGS:-}
+  if [ -n "${WARM:-}" ]; then
+    mkdir -p "$RUN/tokenizer"
+    cp "$WARM/tokenizer/tokenizer.json" "$WARM/tokenizer/tokenizer_config.json" "$RUN/tokenizer/"
+    echo "[stage A] warm start from $WARM: its tokenizer kept"
+    VQ_ARGS="--init $WARM ${VQ_ARGS:-}"
+  else
+    $PY training/tokenizer.py --run "$RUN" ${TOK_ARGS:-}
+  fi
   ELAPSED=$(( $(date +%s) - START ))
   VQ_SECONDS=$(( BUDGET - ELAPSED - RESERVE_A ))
   if [ "$VQ_SECONDS" -gt "$VQ_MAX" ]; then VQ_SECONDS=$VQ_MAX; fi
   if [ "$VQ_SECONDS" -lt 30 ]; then VQ_SECONDS=30; fi
   echo "[stage A] tokenizer done at ${ELAPSED}s; VQ gets ${VQ_SECONDS}s"
-  $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" --encode ${VQ_ARGS:-}
+  DEADLINE=$(( START + BUDGET - RESERVE_A ))
+  if ! $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" --encode ${VQ_ARGS:-}; then
+    echo "[stage A] vq.py failed at $(( $(date +%s) - START ))s: rerunning with --hf-forward"
+    $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" --deadline "$DEADLINE" --encode --hf-forward ${VQ_ARGS:-}
+  fi
   echo "[stage A] done in $(( $(date +%s) - START ))s"
 } 2>&1 | tee "$LOG"

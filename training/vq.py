@@ -18,6 +18,20 @@ halves never share batch statistics.
 
 Losses: MSE + L1 + L1 on image gradients (edges, text strokes) + beta * commitment + codebook.
 Writes RUN/vq/{vq.safetensors (fp16, config in metadata), vq_log.csv, recon.png, summary.json}.
+
+Warm start (`--init ROOT`): continues from the VQ shipped in ROOT/weights (or a run's vq.safetensors)
+instead of a fresh one; the config comes from the checkpoint, the codebook is not re-initialised.
+`--freeze-encoder-at F` trains only the decoder (encoder, quant_conv and codebook fixed, so the
+codes stop moving) from the time fraction F on; F = 0 is a decoder-only session.
+
+Speed (see README "Throughput"): the training step runs `fast_forward`, the same modules in the
+same order as HF but with F.silu instead of x*sigmoid(x) in place (no clone for autograd), GroupNorm
+in the autocast dtype (HF's path upcasts every norm to fp32), and SpatialNorm's two 1x1 convs on the
+small code grid before the nearest upsampling (they commute) fused into one broadcast addcmul.
+`--hf-forward` runs transformers' own forward instead. No host-device sync in the loop but the log
+lines (code usage by index_add_, dead-code restarts by torch.where). `--profile N` times a few
+steps of each variant and prints torch.profiler's top ops, then exits; `--trace-steps N` prints
+the same table for N steps of the real run.
 """
 
 import argparse
@@ -131,16 +145,148 @@ def decode_latents(vq, zq):
     return vq.decoder(post, zq)                              # (B*T, 3, H, W), T = 1
 
 
-def forward(vq, x):
-    """Training path. Returns (recon, zn, idx, commit, codebook_loss)."""
-    z = encode_latents(vq, x)
-    b, t, e, h, w = z.shape
-    zn, idx, qn = lookup(z, vq.quantize.embedding.weight)
-    commit = (zn - qn.detach()).pow(2).sum(1).mean()
-    cb_loss = (zn.detach() - qn).pow(2).sum(1).mean()
-    q_st = zn + (qn - zn).detach()
-    zq = q_st.view(b, t, h, w, e).permute(0, 1, 4, 2, 3).to(z.dtype)
-    return decode_latents(vq, zq), zn, idx, commit, cb_loss
+def forward(vq, x, fast=True, frozen_encoder=False):
+    """Training path. Returns (recon, zn, idx, commit, codebook_loss).
+    fast: `fast_encode_latents` / `fast_decode_latents` (same function as HF's, fewer and cheaper
+    kernels); frozen_encoder: encoder + lookup without autograd (decoder-only training)."""
+    enc = fast_encode_latents if fast else encode_latents
+    dec = fast_decode_latents if fast else decode_latents
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
+        z = enc(vq, x)
+        b, t, e, h, w = z.shape
+        zn, idx, qn = lookup(z, vq.quantize.embedding.weight)
+        commit = (zn - qn.detach()).pow(2).sum(1).mean()
+        cb_loss = (zn.detach() - qn).pow(2).sum(1).mean()
+        q_st = qn if frozen_encoder else zn + (qn - zn).detach()
+        zq = q_st.view(b, t, h, w, e).permute(0, 1, 4, 2, 3).to(z.dtype)
+    return dec(vq, zq), zn, idx, commit, cb_loss
+
+
+# ----------------------------------------------------------------------------- fast path
+# The same modules, in the same order, as transformers' Emu3VQVAEEncoder / Emu3VQVAEDecoder for a
+# T=1 image (test_training.py checks equality with HF's encode/decode in float32). Differences are
+# only in how each function is computed:
+#  - SiLU is F.silu (one kernel, one saved tensor) instead of `h *= torch.sigmoid(h)` (sigmoid,
+#    a clone of h that autograd keeps for the in-place product, mul, and three backward kernels);
+#  - GroupNorm runs in the autocast dtype (bf16, statistics accumulated in fp32 inside the
+#    kernel) instead of autocast's fp32 upcast, halving the traffic of every norm and activation;
+#  - SpatialNorm(h, q) = GN(h) * conv_y(up(q)) + conv_b(up(q)) with nearest upsampling `up`: the
+#    1x1 convs commute with `up`, so they run on the 16x16 code grid and one broadcast addcmul
+#    replaces the upsample, two full-resolution convs, a multiply and an add (and their backward).
+def _gn(norm, x):
+    """GroupNorm in x's dtype (autocast would upcast it to fp32)."""
+    if x.dtype == torch.float32:
+        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.group_norm(x, norm.num_groups, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """x * y + b with y and b broadcast over x: one kernel forward (addcmul) and no scalar
+    multiply in the backward (autograd's addcmul backward spends a full-size pass on `* value`)."""
+
+    @staticmethod
+    def forward(ctx, x, y, b):
+        ctx.save_for_backward(x, y)
+        ctx.b_shape = b.shape
+        return torch.addcmul(b, x, y)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        gx = g * y if ctx.needs_input_grad[0] else None
+        gy = (g * x).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
+        gb = g.sum_to_size(ctx.b_shape) if ctx.needs_input_grad[2] else None
+        return gx, gy, gb
+
+
+def _spatial_norm(sn, h, q):
+    """Emu3VQVAESpatialNorm(h, q) with the 1x1 convs on the code grid (exact: nearest upsampling
+    by an integer factor commutes with a per-pixel linear map)."""
+    hn = _gn(sn.norm_layer, h)
+    y, b = sn.conv_y(q).to(hn.dtype), sn.conv_b(q).to(hn.dtype)
+    bsz, c, hh, ww = hn.shape
+    h0, w0 = q.shape[-2:]
+    fh, fw = hh // h0, ww // w0
+    if fh * h0 != hh or fw * w0 != ww:      # not an integer factor: HF's own path
+        return sn(h, q)
+    if fh == 1 and fw == 1:
+        return _ScaleShift.apply(hn, y, b)
+    out = _ScaleShift.apply(hn.view(bsz, c, h0, fh, w0, fw), y[:, :, :, None, :, None], b[:, :, :, None, :, None])
+    return out.reshape(bsz, c, hh, ww)
+
+
+def _norm(m, h, q):
+    return _gn(m, h) if q is None else _spatial_norm(m, h, q)
+
+
+def _resblock(blk, h, q=None):
+    r = h
+    h = blk.conv1(F.silu(_norm(blk.norm1, h, q)))
+    h = blk.conv2(F.silu(_norm(blk.norm2, h, q)))
+    if blk.in_channels != blk.out_channels:
+        r = blk.nin_shortcut(r)
+    return r + h
+
+
+def _attn(attn, norm, h, q=None):
+    """residual + attention(norm(h)) exactly as HF's middle / level attention blocks."""
+    r = h
+    hn = _norm(norm, h, q)
+    b, c, hh, ww = hn.shape
+    a = attn(hn.view(b, c, hh * ww).transpose(1, 2))[0]
+    return r + a.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+
+
+def _mid(mb, h, q=None):
+    h = _resblock(mb.block_1, h, q)
+    h = _attn(mb.attn_1, mb.attn_norm, h, q)
+    return _resblock(mb.block_2, h, q)
+
+
+def fast_encode_latents(vq, x):
+    """== encode_latents(vq, x): (B,3,H,W) -> quant_conv output (B,1,E,h,w)."""
+    enc = vq.encoder
+    h = enc.conv_in(x)
+    db = enc.down_block
+    for i_level, blocks in enumerate(db.down):
+        for i_block in range(db.num_res_blocks):
+            h = _resblock(blocks.block[i_block], h)
+            if len(blocks.attn) > 0:
+                h = _attn(blocks.attn[i_block], blocks.attn_norms[i_block], h)
+        if i_level != db.num_resolutions - 1:
+            h = blocks.downsample(h)
+    h = _mid(enc.middle_block, h)
+    h = enc.conv_out(F.silu(_gn(enc.norm_out, h)))
+    h = h.unsqueeze(2)                                        # (B, C, T=1, h, w)
+    for conv in enc.time_conv:
+        h = F.silu(conv(h))
+    for layer in enc.time_res_stack:
+        h = layer(h)
+    return vq.quant_conv(h).permute(0, 2, 1, 3, 4)           # (B, 1, E, h, w)
+
+
+def fast_decode_latents(vq, zq):
+    """== decode_latents(vq, zq): quant vectors (B,1,E,h,w) -> (B,3,H,W)."""
+    dec = vq.decoder
+    zq5 = zq.permute(0, 2, 1, 3, 4)                           # (B, E, 1, h, w)
+    hq = torch.cat((vq.post_quant_conv(zq5), zq5), dim=0)
+    for layer in dec.time_res_stack:
+        hq = layer(hq)
+    for layer in dec.time_conv:
+        hq = F.silu(layer(hq))
+    h, q = torch.chunk(hq.squeeze(2), 2, dim=0)
+    h = dec.conv_in(h)
+    h = _mid(dec.middle_block, h, q)
+    ub = dec.up_block
+    for i_level, blocks in enumerate(ub.up[::-1]):
+        for i_block in range(ub.num_res_blocks + 1):
+            h = _resblock(blocks.block[i_block], h, q)
+            if len(blocks.attn) > 0:
+                h = _attn(blocks.attn[i_block], blocks.attn_norms[i_block], h, q)
+        if i_level != len(ub.up) - 1:
+            h = blocks.upsample(h)
+    return dec.conv_out(F.silu(_spatial_norm(dec.norm_out, h, q)))
 
 
 def nearest_euclidean(z, codebook):
@@ -155,11 +301,13 @@ def nearest_euclidean(z, codebook):
 
 
 @torch.no_grad()
-def encode_codes(vq, x, cosine=None):
-    """Our (fast) encode path: (B,3,H,W) -> codes (B,h,w). A VQ in export form (unit-norm fp16
+def encode_codes(vq, x, cosine=None, fast=False):
+    """Our encode path: (B,3,H,W) -> codes (B,h,w). A VQ in export form (unit-norm fp16
     codebook, scaled quant_conv: vq.export_form) uses HF's euclidean argmin, so the codes the LM
-    learns are exactly those transformers and Tessera compute; while training, the cosine lookup."""
-    z = encode_latents(vq, x)
+    learns are exactly those transformers and Tessera compute; while training, the cosine lookup.
+    fast: the encoder trunk of `fast_encode_latents` (for bulk encoding under bf16 autocast, where
+    HF's path differs from fp32 by rounding anyway; `check` reports the code mismatch)."""
+    z = (fast_encode_latents if fast else encode_latents)(vq, x)
     b, _, _, h, w = z.shape
     if cosine is None:
         cosine = not getattr(vq, "export_form", False)
@@ -200,10 +348,30 @@ def hf_encode(vq, x):
     return torch.stack(list(toks))
 
 
-def loss_fn(x, y):
+def edge_map(x, thresh=0.1):
+    """1 on pixels next to a colour edge of x (B,3,H,W) in [-1,1] (any channel steps by > thresh,
+    i.e. ~13 of 255), else 0: flat regions, shape outlines and glyph strokes in this world."""
+    with torch.no_grad():
+        gx = (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1, keepdim=True) > thresh
+        gy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1, keepdim=True) > thresh
+        e = torch.zeros_like(x[:, :1], dtype=torch.bool)
+        e[..., :, 1:] |= gx
+        e[..., :, :-1] |= gx
+        e[..., 1:, :] |= gy
+        e[..., :-1, :] |= gy
+        return e.to(x.dtype)
+
+
+def loss_fn(x, y, edge_weight=0.0):
+    """(mse, l1, gradient l1). edge_weight > 0: the L1 term weighs pixels next to an edge of the
+    original (edge_map) 1 + edge_weight times (normalised so flat images keep the same scale)."""
     d = y.float() - x
     mse = d.pow(2).mean()
-    l1 = d.abs().mean()
+    if edge_weight > 0:
+        w = 1.0 + edge_weight * edge_map(x)
+        l1 = (d.abs() * w).mean() / w.mean()
+    else:
+        l1 = d.abs().mean()
     gx = (d[..., :, 1:] - d[..., :, :-1]).abs().mean()
     gy = (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
     return mse, l1, gx + gy
@@ -307,21 +475,27 @@ def evaluate(vq, heldout_u8, batch, amp, fp32_hf=False):
 
 
 @torch.no_grad()
-def check(vq, heldout_u8, n=64):
-    """Equivalence of our paths and transformers' encode/decode, in fp32 eval mode. Returns a dict."""
+def check(vq, heldout_u8, n=64, amp=None):
+    """Equivalence of our paths and transformers' encode/decode, in fp32 eval mode. Returns a dict.
+    amp: also the code mismatch of the bulk-encoding path (fast trunk under autocast) vs HF fp32."""
     set_train(vq, False)
     x = to_pixels(heldout_u8[:n])
     ours = encode_codes(vq, x)
     hf = hf_encode(vq, x)
     mismatch = (ours != hf).float().mean().item()
     cos_mismatch = (encode_codes(vq, x, cosine=True) != hf).float().mean().item()
+    extra = {}
+    if amp is not None:
+        with amp():
+            extra["bulk_encode_vs_hf_fp32"] = (encode_codes(vq, x, fast=True) != hf).float().mean().item()
+            extra["hf_autocast_vs_hf_fp32"] = (encode_codes(vq, x) != hf).float().mean().item()
     y_hf = vq.decode(hf)
     y_ours = decode_codes(vq, hf)
     dec_diff = (y_hf - y_ours).abs().max().item()
     # The cosine == euclidean equivalence holds exactly for a unit-norm codebook; measure the norms.
     norms = vq.quantize.embedding.weight.float().norm(dim=1)
     return dict(code_mismatch=mismatch, cosine_vs_euclidean=cos_mismatch, decode_max_abs_diff=dec_diff,
-                codebook_norm_min=norms.min().item(), codebook_norm_max=norms.max().item())
+                codebook_norm_min=norms.min().item(), codebook_norm_max=norms.max().item(), **extra)
 
 
 def recon_grid(vq, u8, amp, n=8):
@@ -335,11 +509,11 @@ def recon_grid(vq, u8, amp, n=8):
 
 
 # ----------------------------------------------------------------------------- training
-def lr_at(frac, peak):
-    if frac < WARMUP_FRAC:
-        return peak * max(frac, 1e-3) / WARMUP_FRAC
-    p = min(1.0, (frac - WARMUP_FRAC) / (1 - WARMUP_FRAC))
-    return peak * (MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * p)))
+def lr_at(frac, peak, warmup=WARMUP_FRAC, min_frac=MIN_LR_FRAC):
+    if frac < warmup:
+        return peak * max(frac, 1e-3) / warmup
+    p = min(1.0, (frac - warmup) / (1 - warmup))
+    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def load_pools(run, device, limit=None, log=print):
@@ -373,13 +547,229 @@ def load_pools(run, device, limit=None, log=print):
     return square, views, nonsq, held
 
 
+def synthetic_pools(device, n=2048, log=print):
+    """Random images (flat rectangles on a flat background) for --profile without data."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(k, h, w):
+        img = torch.randint(0, 256, (k, 1, 1, 3), generator=g, dtype=torch.uint8).expand(k, h, w, 3).clone()
+        for _ in range(3):
+            y0, x0 = torch.randint(0, h // 2, (2,), generator=g).tolist()
+            y1, x1 = y0 + h // 3, x0 + w // 3
+            img[:, y0:y1, x0:x1] = torch.randint(0, 256, (k, 1, 1, 3), generator=g, dtype=torch.uint8)
+        return img.to(device)
+
+    square, nonsq, held = make(n, 128, 128), [make(n // 4, 96, 160), make(n // 4, 160, 96)], make(250, 128, 128)
+    log(f"[vq] synthetic data: {n} square, {[t.shape[0] for t in nonsq]} non-square images")
+    return square, {}, nonsq, held
+
+
+def set_memory_format(vq, fmt):
+    """'cl' (channels_last, the first run's layout) or 'nchw' for the 2-D conv weights."""
+    mf = torch.channels_last if fmt == "cl" else torch.contiguous_format
+    for m in vq.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=mf)
+
+
+class Trainer:
+    """One optimizer step at a time; everything stays on the device (no host sync)."""
+
+    def __init__(self, vq, args, dev, amp, gen, fresh_codebook):
+        self.vq, self.args, self.dev, self.amp, self.gen = vq, args, dev, amp, gen
+        self.codebook = vq.quantize.embedding.weight
+        self.K = self.codebook.shape[0]
+        self.usage = torch.full((self.K,), 1.0 / self.K, device=dev)
+        self.restarted = torch.zeros((), dtype=torch.long, device=dev)
+        self.fresh_codebook = fresh_codebook
+        self.fast = not args.hf_forward
+        self.fmt = "cl"
+        self.frozen = False
+        self.enc_fn, self.dec_fn = None, None
+        self.opt = self.make_optimizer()
+
+    def make_optimizer(self):
+        params = [p for p in self.vq.parameters() if p.requires_grad]
+        return torch.optim.AdamW([{"params": params, "weight_decay": 0.0}], lr=self.args.lr, betas=BETAS,
+                                 fused=self.dev.type == "cuda")
+
+    def pixels(self, u8):
+        x = to_pixels(u8)                       # channels_last strides (a permute of NHWC)
+        return x if self.fmt == "cl" else x.contiguous()
+
+    def freeze_encoder(self):
+        """Decoder-only from now on: encoder, quant_conv and codebook fixed (codes stop moving)."""
+        for m in (self.vq.encoder, self.vq.quant_conv, self.vq.quantize):
+            for p in m.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        self.frozen = True
+
+    def forward(self, x):
+        return forward(self.vq, x, fast=self.fast, frozen_encoder=self.frozen)
+
+    def step(self, x, lr, restart=False, update=True):
+        """One step on the pixel batch x. Returns the 6 loss terms (device tensor)."""
+        a = self.args
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with self.amp():
+            y, zn, codes, commit, cb_loss = self.forward(x)
+        mse, l1, gl1 = loss_fn(x, y, a.edge_weight)
+        loss = W_MSE * mse + W_L1 * l1 + W_GRAD * gl1
+        if not self.frozen:
+            loss = loss + BETA_COMMIT * commit + cb_loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not update:
+            self.opt.zero_grad(set_to_none=True)
+            return None
+        torch.nn.utils.clip_grad_norm_([p for p in self.vq.parameters() if p.grad is not None], GRAD_CLIP)
+        self.opt.step()
+        with torch.no_grad():
+            zn = zn.detach()
+            K, cb = self.K, self.codebook
+            if self.fresh_codebook:
+                # Initialise the codebook from real latents instead of HF's random init.
+                pick = torch.randint(0, zn.shape[0], (K,), device=self.dev, generator=self.gen)
+                cb.data.copy_(zn[pick] + 0.01 * torch.randn(K, zn.shape[1], device=self.dev, generator=self.gen))
+                self.fresh_codebook = False
+            counts = torch.zeros(K, device=self.dev).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float32))
+            self.usage.mul_(USAGE_DECAY).add_(counts / codes.numel(), alpha=1 - USAGE_DECAY)
+            if restart and not self.frozen:
+                # Dead codes (usage EMA < DEAD_FRAC of uniform) restart from this batch's latents,
+                # with masks instead of nonzero() so that nothing waits for the GPU.
+                dead = self.usage < DEAD_FRAC / K
+                pick = torch.randint(0, zn.shape[0], (K,), device=self.dev, generator=self.gen)
+                fresh = zn[pick] + 0.01 * torch.randn(K, zn.shape[1], device=self.dev, generator=self.gen)
+                cb.data.copy_(torch.where(dead[:, None], fresh, cb.data))
+                self.usage.copy_(torch.where(dead, torch.full_like(self.usage, 1.0 / K), self.usage))
+                self.restarted += dead.sum()
+            # Keep the codebook parameter unit-norm (it ships that way; see module docstring).
+            if not self.frozen:
+                cb.data.copy_(F.normalize(cb.data, dim=1))
+            return torch.stack([loss.detach(), mse.detach(), l1.detach(), gl1.detach(), commit.detach(),
+                                cb_loss.detach()])
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_steps(tr, batches, n_warm, n_timed, dev, update):
+    """Seconds per step over n_timed steps after n_warm (cudnn autotuning, allocator growth)."""
+    for i in range(n_warm):
+        tr.step(tr.pixels(batches(i)), 1e-5, update=update)
+    sync(dev)
+    t = time.time()
+    for i in range(n_timed):
+        tr.step(tr.pixels(batches(n_warm + i)), 1e-5, update=update)
+    sync(dev)
+    return (time.time() - t) / n_timed
+
+
+def pick_memory_format(tr, batches, dev, log):
+    """--memory-format auto: time forward+backward (no optimizer step, so the weights and the
+    optimizer state are untouched) in channels_last and in NCHW, keep the faster one."""
+    times = {}
+    for fmt in ("cl", "nchw"):
+        try:
+            set_memory_format(tr.vq, fmt)
+            tr.fmt = fmt
+            times[fmt] = time_steps(tr, batches, 3, 5, dev, update=False)
+        except Exception as err:  # noqa: BLE001
+            log(f"[vq] memory format {fmt} failed in the trial: {err!r}")
+    best = min(times, key=times.get) if times else "cl"
+    set_memory_format(tr.vq, best)
+    tr.fmt = best
+    log("[vq] memory format trial (s/step, fwd+bwd): " + ", ".join(f"{k} {v:.4f}" for k, v in times.items())
+        + f" -> {best}")
+    return best
+
+
+def profile_table(prof, dev, rows=22):
+    by = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"   # accepted by torch 2.x
+    ka = prof.key_averages()
+    out = [ka.table(sort_by=by, row_limit=rows, max_name_column_width=60)]
+    if dev.type == "cuda":
+        out.append(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    return "\n".join(out)
+
+
+def run_profiler(step_fn, n, dev, log, tag):
+    """n steps of step_fn under torch.profiler; logs the top ops and the GPU-busy share."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sync(dev)
+    t = time.time()
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step_fn(i)
+        sync(dev)
+    wall = time.time() - t
+    busy = ""
+    if dev.type == "cuda":
+        try:
+            kern = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+            busy = f", GPU kernels busy {kern / 1e6 / wall:.0%} of the wall time"
+        except Exception:  # noqa: BLE001  (profiler API differences: the table below still prints)
+            pass
+    log(f"[{tag}] profile: {n} steps in {wall:.2f}s ({wall / n * 1e3:.1f} ms/step){busy}")
+    log(profile_table(prof, dev))
+
+
+def profile_mode(tr, pools, args, dev, log):
+    """--profile N: times the step variants, then N steps under torch.profiler; no training."""
+    square, _, nonsq, _ = pools
+    g = torch.Generator(device=dev).manual_seed(1)
+
+    def batches(i):
+        return square[torch.randint(0, square.shape[0], (args.batch,), device=dev, generator=g)]
+
+    base_fast = tr.fast
+    for fast in ([True, False] if base_fast else [False]):
+        for fmt in ("cl", "nchw"):
+            try:
+                tr.fast, tr.fmt = fast, fmt
+                set_memory_format(tr.vq, fmt)
+                tr.opt = tr.make_optimizer()
+                sec = time_steps(tr, batches, 3, 8, dev, update=True)
+                log(f"[vq] profile: {'fast' if fast else 'hf  '} forward, {fmt:4s}: {sec*1e3:7.1f} ms/step, "
+                    f"{args.batch / sec:6.0f} img/s")
+            except Exception as err:  # noqa: BLE001
+                log(f"[vq] profile: {'fast' if fast else 'hf'} forward, {fmt} failed: {err!r}")
+    tr.fast, tr.fmt = base_fast, "cl"
+    set_memory_format(tr.vq, "cl")
+    tr.opt = tr.make_optimizer()
+    time_steps(tr, batches, 2, 1, dev, update=True)
+    run_profiler(lambda i: tr.step(tr.pixels(batches(i)), 1e-5), args.profile, dev, log, "vq")
+    if nonsq:
+        x = tr.pixels(nonsq[0][:args.batch])
+        sec = time_steps(tr, lambda i: nonsq[0][:args.batch], 2, 4, dev, update=True)
+        log(f"[vq] profile: non-square {tuple(x.shape[-2:])} batch: {sec*1e3:.1f} ms/step")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
     ap.add_argument("--seconds", type=float, default=SECONDS, help="training time budget (LR schedule follows it)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="unix time by which training must stop (the budget is cut to fit; for stage scripts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--warmup", type=float, default=WARMUP_FRAC, help="warm-up fraction of the time budget")
+    ap.add_argument("--min-lr-frac", type=float, default=MIN_LR_FRAC)
+    ap.add_argument("--init", default=None, metavar="DIR",
+                    help="warm start from a shipped model (ROOT with weights/, a weights dir) or RUN/vq/vq.safetensors")
+    ap.add_argument("--freeze-encoder-at", type=float, default=1.0, metavar="FRAC",
+                    help="train only the decoder from this time fraction on (0: decoder-only; 1: never)")
+    ap.add_argument("--edge-weight", type=float, default=0.0,
+                    help="extra L1 weight on pixels next to colour edges (0: off, the first run's loss)")
+    ap.add_argument("--hf-forward", action="store_true", help="transformers' forward instead of fast_forward")
+    ap.add_argument("--memory-format", choices=["cl", "nchw", "auto"], default="cl",
+                    help="conv layout: channels_last (cl, the first run's), NCHW, or auto (timed trial at the start)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke tests)")
     ap.add_argument("--config", default=None, help="JSON overrides of the VQ config")
     ap.add_argument("--limit", type=int, default=None, help="load at most this many images per split")
@@ -388,7 +778,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--encode", action="store_true",
                     help="then encode every training image (encode.py's job) from the images already on the device")
-    ap.add_argument("--encode-batch", type=int, default=512)
+    ap.add_argument("--encode-batch", type=int, default=1024)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="time the step variants and print torch.profiler's top ops for N steps, then exit")
+    ap.add_argument("--synthetic", action="store_true", help="with --profile: random images instead of RUN/data")
+    ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
+                    help="print torch.profiler's top ops for N steps of the real run (after step 30)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -404,15 +799,20 @@ def main():
 
     out_dir = os.path.join(args.run, "vq")
     os.makedirs(out_dir, exist_ok=True)
-    log_lines = []
 
     def log(s):
         print(s, flush=True)
-        log_lines.append(s)
 
-    cfg = dict(TINY_VQ_CONFIG if args.tiny else VQ_CONFIG)
-    if args.config:
-        cfg.update(json.loads(args.config))
+    init_sd = None
+    if args.init:
+        import warm  # noqa: E402  (training/warm.py)
+        cfg, init_sd = warm.load_vq_init(args.init)
+        if args.config or args.tiny:
+            log("[vq] --init: the config comes from the checkpoint; --config/--tiny ignored")
+    else:
+        cfg = dict(TINY_VQ_CONFIG if args.tiny else VQ_CONFIG)
+        if args.config:
+            cfg.update(json.loads(args.config))
     assert cfg["hidden_size"] == cfg["base_channels"] * cfg["channel_multiplier"][-1]
     assert cfg["embed_dim"] == cfg["latent_channels"] and cfg["temporal_downsample_factor"] == 1
     assert all(cfg["base_channels"] * m % 32 == 0 for m in cfg["channel_multiplier"])
@@ -424,24 +824,52 @@ def main():
         n_vis = sum(1 for t in Tokenizer.from_file(tok_path).get_vocab(with_added_tokens=True)
                     if t.startswith("<|visual token"))
         assert n_vis == cfg["codebook_size"], f"tokenizer has {n_vis} visual tokens, VQ codebook_size {cfg['codebook_size']}"
-    square, views, nonsq, held = load_pools(args.run, dev, args.limit, log)
+    if args.profile and args.synthetic:
+        pools = synthetic_pools(dev, log=log)
+    else:
+        pools = load_pools(args.run, dev, args.limit, log)
+    square, views, nonsq, held = pools
     vq = build_vq(cfg, dev)
+    if init_sd is not None:
+        vq.load_state_dict(init_sd, strict=True)
+        norms = vq.quantize.embedding.weight.norm(dim=1)
+        log(f"[vq] warm start from {args.init}: codebook norms [{norms.min().item():.4f}, {norms.max().item():.4f}]")
     enc_gf, dec_gf = flops_per_image(vq)
     log(f"[vq] config {json.dumps(cfg)}")
     log(f"[vq] params total {param_count(vq)/1e6:.2f}M encoder {param_count(vq.encoder)/1e6:.2f}M "
         f"decoder {param_count(vq.decoder)/1e6:.2f}M; GFLOP per 128x128 image: encode {enc_gf:.2f} decode {dec_gf:.2f}")
-    channels_last(vq)
+    set_memory_format(vq, "cl")
     set_train(vq, True)
-    codebook = vq.quantize.embedding.weight
-    decay, no_decay = [], []
-    for n_, p in vq.named_parameters():
-        (decay if p.ndim >= 2 and "embedding" not in n_ else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=BETAS, fused=dev.type == "cuda")
     K = cfg["codebook_size"]
-    usage = torch.full((K,), 1.0 / K, device=dev)
     gen = torch.Generator(device=dev)
     gen.manual_seed(args.seed)
+    tr = Trainer(vq, args, dev, amp, gen, fresh_codebook=init_sd is None)
+    if args.profile:
+        profile_mode(tr, pools, args, dev, log)
+        return
+
+    def sample(step):
+        if nonsq and step % NONSQUARE_EVERY == NONSQUARE_EVERY - 1:
+            pool = nonsq[(step // NONSQUARE_EVERY) % len(nonsq)]
+        else:
+            pool = square
+        return pool[torch.randint(0, pool.shape[0], (args.batch,), device=dev, generator=gen)]
+
+    if tr.fast:
+        try:   # the fast path on this device, once, before anything depends on it
+            tr.step(tr.pixels(square[:args.batch]), 0.0, update=False)
+        except Exception as err:  # noqa: BLE001
+            log(f"[vq] fast forward failed ({err!r}); using transformers' forward")
+            tr.fast = False
+    if args.memory_format == "auto":
+        pick_memory_format(tr, lambda i: square[i * args.batch % max(1, square.shape[0] - args.batch):][:args.batch],
+                           dev, log)
+    else:
+        set_memory_format(vq, args.memory_format)
+        tr.fmt = args.memory_format
+    if init_sd is not None:
+        ev = evaluate(vq, held, 250, amp)
+        log(f"[vq] start: held-out psnr {ev['psnr']:.2f} usage {ev['usage']:.3f} ppl {ev['perplexity']:.0f}")
 
     csv_path = os.path.join(out_dir, "vq_log.csv")
     fcsv = open(csv_path, "w", newline="")
@@ -450,57 +878,48 @@ def main():
                  "restarted", "psnr", "usage", "perplexity"])
 
     t0 = time.time()
-    last_eval, step, images, restarted_total = t0, 0, 0, 0
+    seconds = args.seconds
+    if args.deadline is not None:
+        seconds = max(10.0, min(seconds, args.deadline - t0))
+    log(f"[vq] training for {seconds:.0f}s: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to "
+        f"{args.min_lr_frac:.0%}), batch {args.batch}, {'fast' if tr.fast else 'hf'} forward, layout {tr.fmt}, "
+        f"edge weight {args.edge_weight:g}, decoder-only from {args.freeze_encoder_at:.0%}"
+        + ("" if init_sd is None else ", warm start"))
+    restart_until = min(RESTART_UNTIL, args.freeze_encoder_at)
+    last_eval, step, images = t0, 0, 0
     acc = torch.zeros(6, device=dev)
     acc_n = 0
+    traced = args.trace_steps <= 0
     while True:
-        frac = (time.time() - t0) / args.seconds
+        frac = (time.time() - t0) / seconds
         if frac >= 1.0:
             break
-        lr = lr_at(frac, args.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        if nonsq and step % NONSQUARE_EVERY == NONSQUARE_EVERY - 1:
-            pool = nonsq[(step // NONSQUARE_EVERY) % len(nonsq)]
-        else:
-            pool = square
-        idx = torch.randint(0, pool.shape[0], (args.batch,), device=dev, generator=gen)
-        x = to_pixels(pool[idx])
-        with amp():
-            y, zn, codes, commit, cb_loss = forward(vq, x)
-        mse, l1, gl1 = loss_fn(x, y)
-        loss = W_MSE * mse + W_L1 * l1 + W_GRAD * gl1 + BETA_COMMIT * commit + cb_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vq.parameters(), GRAD_CLIP)
-        opt.step()
-        with torch.no_grad():
-            if step == 0:
-                # Initialise the codebook from real latents instead of HF's random init.
-                pick = torch.randint(0, zn.shape[0], (K,), device=dev, generator=gen)
-                codebook.data.copy_(zn[pick] + 0.01 * torch.randn(K, zn.shape[1], device=dev, generator=gen))
-            usage.mul_(USAGE_DECAY).add_(torch.bincount(codes, minlength=K).float() / codes.numel(), alpha=1 - USAGE_DECAY)
-            restarted = 0
-            if step % RESTART_EVERY == RESTART_EVERY - 1 and frac < RESTART_UNTIL:
-                dead = (usage < DEAD_FRAC / K).nonzero().flatten()
-                restarted = dead.numel()
-                if restarted:
-                    pick = torch.randint(0, zn.shape[0], (restarted,), device=dev, generator=gen)
-                    codebook.data[dead] = zn[pick] + 0.01 * torch.randn(restarted, zn.shape[1], device=dev, generator=gen)
-                    usage[dead] = 1.0 / K
-                    restarted_total += restarted
-            # Keep the codebook parameter unit-norm (it ships that way; see module docstring).
-            codebook.data.copy_(F.normalize(codebook.data, dim=1))
-            acc += torch.stack([loss.detach(), mse.detach(), l1.detach(), gl1.detach(), commit.detach(), cb_loss.detach()])
-            acc_n += 1
+        if not tr.frozen and frac >= args.freeze_encoder_at:
+            tr.freeze_encoder()
+            log(f"[vq] step {step}: encoder, quant_conv and codebook frozen; decoder-only from here")
+        lr = lr_at(frac, args.lr, args.warmup, args.min_lr_frac)
+        if not traced and step >= 30:
+            traced = True
+            try:
+                run_profiler(lambda i: acc.add_(tr.step(tr.pixels(sample(step + i)), lr)), args.trace_steps, dev, log, "vq")
+                step += args.trace_steps
+                images += args.trace_steps * args.batch
+                acc_n += args.trace_steps
+            except Exception as err:  # noqa: BLE001
+                log(f"[vq] profiler failed: {err!r}")
+            continue
+        restart = step % RESTART_EVERY == RESTART_EVERY - 1 and frac < restart_until
+        acc += tr.step(tr.pixels(sample(step)), lr, restart=restart)
+        acc_n += 1
         step += 1
         images += args.batch
         now = time.time()
         do_eval = now - last_eval >= args.eval_every
         if step % 50 == 0 or do_eval:
-            a = (acc / acc_n).tolist()
+            a = (acc / max(acc_n, 1)).tolist()
             acc.zero_()
             acc_n = 0
+            restarted_total = int(tr.restarted.item())
             row = [step, f"{now-t0:.1f}", images, f"{lr:.3g}"] + [f"{v:.5f}" for v in a] + [restarted_total, "", "", ""]
             if do_eval:
                 ev = evaluate(vq, held, 250, amp)
@@ -512,13 +931,22 @@ def main():
                 f"mse {a[1]:.5f} l1 {a[2]:.4f} commit {a[4]:.4f} restarts {restarted_total}"
                 + (f" | held-out psnr {row[-3]} usage {row[-2]} ppl {row[-1]}" if do_eval else ""))
     train_s = time.time() - t0
-    log(f"[vq] trained {step} steps, {images} images in {train_s:.0f}s")
+    restarted_total = int(tr.restarted.item())
+    log(f"[vq] trained {step} steps, {images} images in {train_s:.0f}s ({images / max(train_s, 1e-9):.0f} img/s)")
+    finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcsv, log,
+           dict(steps=step, images=images, seconds=train_s, restarted=restarted_total,
+                encode_gflop_128=enc_gf, decode_gflop_128=dec_gf, init=args.init, layout=tr.fmt,
+                fast_forward=tr.fast, edge_weight=args.edge_weight, freeze_encoder_at=args.freeze_encoder_at))
 
+
+def finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcsv, log, summary):
+    """Export form, save, held-out figures and checks, then (--encode) encode every image."""
     # Export form: unit-norm codebook, weights rounded to fp16 (what ships; what encode.py uses).
     # Checks run in true fp32 (no TF32), like Tessera on the CPU.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     set_train(vq, False)
+    codebook = vq.quantize.embedding.weight
     med, scale = scale_latents(vq, held)
     log(f"[vq] median latent norm {med:.3g}; quant_conv scaled by {scale:g}")
     with torch.no_grad():
@@ -532,8 +960,8 @@ def main():
     save_vq(vq, cfg, os.path.join(out_dir, "vq.safetensors"))   # first: the weights are the product
     log(f"[vq] wrote {out_dir}/vq.safetensors ({os.path.getsize(os.path.join(out_dir, 'vq.safetensors'))/2**20:.1f} MiB)")
     summary = dict(config=cfg, params=param_count(vq), encoder_params=param_count(vq.encoder),
-                   decoder_params=param_count(vq.decoder), encode_gflop_128=enc_gf, decode_gflop_128=dec_gf,
-                   steps=step, images=images, seconds=train_s, restarted=restarted_total)
+                   decoder_params=param_count(vq.decoder), **summary)
+    K = cfg["codebook_size"]
     try:
         ev_amp = evaluate(vq, held, 250, amp)
         log(f"[vq] held-out (ours, bf16, fp16 weights): psnr {ev_amp['psnr']:.2f} dB usage {ev_amp['usage']:.3f} "
@@ -542,14 +970,16 @@ def main():
         log(f"[vq] held-out (transformers encode/decode, fp32, fp16 weights): psnr {ev['psnr']:.2f} dB "
             f"(min {ev['psnr_min']:.2f}, of mean mse {ev['psnr_of_mean_mse']:.2f}) usage {ev['usage']:.3f} "
             f"perplexity {ev['perplexity']:.0f}")
-        ck = check(vq, held)
+        ck = check(vq, held, amp=amp)
         ok = ck["code_mismatch"] < 0.01 and ck["decode_max_abs_diff"] < 1e-3
         log(f"[vq] check {'OK' if ok else 'FAILED'}: code mismatch ours vs HF encode {ck['code_mismatch']:.5f} "
             f"(cosine lookup vs HF {ck['cosine_vs_euclidean']:.5f}), decode max |diff| "
-            f"{ck['decode_max_abs_diff']:.2e}, codebook norms [{ck['codebook_norm_min']:.5f}, {ck['codebook_norm_max']:.5f}]")
+            f"{ck['decode_max_abs_diff']:.2e}, codebook norms [{ck['codebook_norm_min']:.5f}, {ck['codebook_norm_max']:.5f}]; "
+            f"bulk-encode (bf16) codes vs HF fp32 differ in {ck.get('bulk_encode_vs_hf_fp32', float('nan')):.4f} "
+            f"(HF path under autocast: {ck.get('hf_autocast_vs_hf_fp32', float('nan')):.4f})")
         summary.update(heldout_ours_bf16=ev_amp, heldout_hf_fp32=ev, check=ck, check_ok=ok)
-        wr.writerow([step, f"{train_s:.1f}", images, "final", "", "", "", "", "", "", restarted_total,
-                     f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
+        wr.writerow([summary["steps"], f"{summary['seconds']:.1f}", summary["images"], "final", "", "", "", "", "", "",
+                     summary["restarted"], f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
         write_png(os.path.join(out_dir, "recon.png"), recon_grid(vq, held, amp))
     except Exception as err:  # noqa: BLE001  (keep going: the encode below matters more)
         log(f"[vq] final evaluation failed: {err!r}")
@@ -564,7 +994,7 @@ def main():
             sys.exit(2)
         del square, nonsq
         t1 = time.time()
-        all_codes = [encode.encode_split(vq, args.run, split, views[split], args.encode_batch, amp)
+        all_codes = [encode.encode_split(vq, args.run, split, views[split], args.encode_batch, amp, not args.hf_forward)
                      for split in encode.SPLITS if split in views]
         encode.finish(args.run, all_codes, K, t1)
 

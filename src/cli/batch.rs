@@ -340,20 +340,8 @@ fn expand(
         };
         let name = if n > 1 { format!("{base}-{i}.png") } else { format!("{base}.png") };
         let mut record = ImageRecord {
-            version: env!("CARGO_PKG_VERSION").into(),
-            task: "t2i".into(),
-            prompt: text.clone(),
-            negative: sampling.negative.clone(),
-            width: 0,
-            height: 0,
-            seed,
-            params,
-            model: model.files.name.clone(),
-            model_hash: model_hash.to_string(),
-            dtype: args.model.dtype.name().into(),
-            source_sha256: None,
-            mask_sha256: None,
             keep_rows: line.keep_rows,
+            ..ImageRecord::t2i(&text, sampling.negative.clone(), (0, 0), seed, params, &model.files.name, model_hash, args.model.dtype.name())
         };
         let kind = match &source {
             None => {

@@ -107,20 +107,11 @@ pub fn run(args: EditArgs) -> anyhow::Result<ExitCode> {
     let records: Vec<ImageRecord> = requests
         .iter()
         .map(|r| ImageRecord {
-            version: env!("CARGO_PKG_VERSION").into(),
             task: "edit".into(),
-            prompt: r.prompt.clone(),
-            negative: r.negative.clone(),
-            width,
-            height,
-            seed: r.seed,
-            params,
-            model: model.files.name.clone(),
-            model_hash: model_hash.clone(),
-            dtype: args.model.dtype.name().into(),
             source_sha256: Some(source_sha.clone()),
             mask_sha256: mask_sha.clone(),
             keep_rows: args.keep_rows,
+            ..ImageRecord::t2i(&r.prompt, r.negative.clone(), (width, height), r.seed, params, &model.files.name, &model_hash, args.model.dtype.name())
         })
         .collect();
     render_and_save(&model, &jobs, &records, &args.output, &args.output_opts, load_secs)?;

@@ -217,21 +217,9 @@ pub fn run(args: GenArgs) -> anyhow::Result<ExitCode> {
     }
     let records: Vec<ImageRecord> = requests
         .iter()
-        .map(|req| ImageRecord {
-            version: env!("CARGO_PKG_VERSION").into(),
-            task: "t2i".into(),
-            prompt: req.prompt.clone(),
-            negative: req.negative.clone(),
-            width,
-            height,
-            seed: req.seed,
-            params,
-            model: model.files.name.clone(),
-            model_hash: model_hash.clone(),
-            dtype: model_args.dtype.name().into(),
-            source_sha256: None,
-            mask_sha256: None,
-            keep_rows: None,
+        .map(|req| {
+            let name = &model.files.name;
+            ImageRecord::t2i(&req.prompt, req.negative.clone(), (width, height), req.seed, params, name, &model_hash, model_args.dtype.name())
         })
         .collect();
     render_and_save(&model, &jobs, &records, &args.output, &args.output_opts, load_secs)?;

@@ -1,15 +1,18 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`Emu3MLP`).
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 use crate::config::TextConfig;
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj | up_proj stacked: one pass over their weights per step.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
@@ -22,11 +25,18 @@ impl Mlp {
                 candle_nn::linear_no_bias(a, b, vb.pp(name))
             }
         };
-        Ok(Self { gate_proj: lin(d, i, "gate_proj")?, up_proj: lin(d, i, "up_proj")?, down_proj: lin(i, d, "down_proj")? })
+        let down = lin(i, d, "down_proj")?;
+        Ok(Self {
+            gate_up_proj: Linear::fused(&[lin(d, i, "gate_proj")?, lin(d, i, "up_proj")?])?,
+            down_proj: Linear::new(down.weight().clone(), down.bias().cloned())?,
+            intermediate: i,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&g.mul(&self.up_proj.forward(x)?)?)
+        let gu = self.gate_up_proj.forward(x)?;
+        let g = gu.narrow(D::Minus1, 0, self.intermediate)?.silu()?;
+        let u = gu.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+        self.down_proj.forward(&g.mul(&u)?)
     }
 }

@@ -2,6 +2,7 @@
 
 mod attention;
 mod cache;
+pub mod linear;
 mod mlp;
 mod model;
 mod rope;

@@ -138,7 +138,7 @@ impl Emu3TextModel {
             (true, Some(&start)) => w.narrow(0, start as usize, ids.len())?,
             _ => w.index_select(&Tensor::new(ids, &self.device)?, 0)?,
         };
-        Ok(crate::generate::HeadRows::new(rows))
+        crate::generate::HeadRows::new(rows)
     }
 
     /// Feed `ids` and return the f32 logits of the last position only, `(b, vocab)`.

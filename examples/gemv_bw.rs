@@ -1,0 +1,54 @@
+//! Bandwidth of the decode matrix-vector kernel on the weights of one decode step of the default
+//! model, against candle's matmul on the same products (weights as stored, `(out, in)`, and
+//! pre-transposed, `(in, out)`), measured side by side.
+//!
+//!     cargo run --release --example gemv_bw [ROWS]
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> candle_core::Result<()> {
+    let rows: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);
+    // The default model's per-step matrices (in, out): 10 x (qkv 384->640, o 384->384,
+    // gate|up 384->2048, down 1024->384) and the visual head 384->4096.
+    let mut shapes = Vec::new();
+    for _ in 0..10 {
+        shapes.extend([(384, 640), (384, 384), (384, 2048), (1024, 384)]);
+    }
+    shapes.push((384, 4096));
+    let dev = Device::Cpu;
+    let ws: Vec<Vec<f32>> = shapes.iter().map(|&(k, n)| (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect()).collect();
+    let wt: Vec<Tensor> = ws.iter().zip(&shapes).map(|(w, &(k, n))| Tensor::from_slice(w, (n, k), &dev)).collect::<Result<_, _>>()?;
+    let wtt: Vec<Tensor> = wt.iter().map(|w| w.t()?.contiguous()).collect::<Result<_, _>>()?;
+    let xs: Vec<Tensor> = shapes.iter().map(|&(k, _)| Tensor::ones((rows, k), candle_core::DType::F32, &dev)).collect::<Result<_, _>>()?;
+    let bytes: usize = shapes.iter().map(|&(k, n)| k * n * 4).sum();
+    let (mut ours, mut candle_t, mut candle_pre) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        for (w, &(k, n)) in ws.iter().zip(&shapes) {
+            let x = vec![0.5f32; rows * k];
+            std::hint::black_box(tessera::text::linear::gemv(&x, rows, k, w, n));
+        }
+        ours.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for (x, w) in xs.iter().zip(&wt) {
+            std::hint::black_box(x.matmul(&w.t()?)?);
+        }
+        candle_t.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for (x, w) in xs.iter().zip(&wtt) {
+            std::hint::black_box(x.matmul(w)?);
+        }
+        candle_pre.push(t.elapsed().as_secs_f64());
+    }
+    for (name, v) in [("streaming kernel", ours), ("candle x.matmul(W^T)", candle_t), ("candle, W pre-transposed", candle_pre)] {
+        let m = median(v);
+        println!("rows {rows:>2} {name:<26} {:.2} ms (median of 20) = {:.1} GB/s of weights", m * 1e3, bytes as f64 / m / 1e9);
+    }
+    Ok(())
+}
