@@ -32,14 +32,19 @@ pub fn shipped_model_dir() -> PathBuf {
 }
 
 impl ModelFiles {
-    /// `spec` is a checkpoint directory, a Hugging Face repo id (`owner/name`), or `None`
-    /// for the shipped default model.
+    /// `spec` is a checkpoint directory, a root in the shipped layout (`weights/` +
+    /// `tokenizer/`), a Hugging Face repo id (`owner/name`), or `None` for the shipped default model.
     pub fn resolve(spec: Option<&str>) -> Result<Self> {
         match spec {
             None => Self::shipped(&shipped_model_dir()),
             Some(s) => {
                 let path = Path::new(s);
-                if path.exists() {
+                if path.exists() && !path.join("config.json").exists() && path.join("weights").join("config.json").is_file() {
+                    // A root in the shipped layout (weights/ + tokenizer/), e.g. a training export.
+                    let mut files = Self::shipped(path)?;
+                    files.name = s.to_string();
+                    Ok(files)
+                } else if path.exists() {
                     Self::from_dir(path)
                 } else if looks_like_repo_id(s) {
                     Self::from_hub(s)
