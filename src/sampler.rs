@@ -80,13 +80,22 @@ impl Sampler {
         cand.clear();
         cand.extend(scores.iter().enumerate().map(|(i, &s)| (s / t, i as u32)));
         // Most likely first; ties keep the lower index first, like a stable sort.
-        cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if p.top_k > 0 && p.top_k < cand.len() {
-            // transformers keeps every score equal to the k-th one.
+            // Select the k best in linear time and sort only those (the same prefix a full sort
+            // gives). transformers keeps every score equal to the k-th one: move those up too.
+            cand.select_nth_unstable_by(p.top_k - 1, order);
             let kth = cand[p.top_k - 1].0;
-            let keep = cand.iter().take_while(|c| c.0 >= kth).count();
+            let mut keep = p.top_k;
+            for i in p.top_k..cand.len() {
+                if cand[i].0 >= kth {
+                    cand.swap(keep, i);
+                    keep += 1;
+                }
+            }
             cand.truncate(keep);
         }
+        cand.sort_unstable_by(order);
         let max = cand[0].0;
         let mut total = 0f64;
         let mut probs: Vec<f64> = cand
@@ -184,6 +193,42 @@ mod tests {
         }
         let freq: Vec<f64> = counts.iter().map(|&c| c as f64 / 20000.0).collect();
         assert!((freq[0] - 0.1).abs() < 0.015 && (freq[1] - 0.2).abs() < 0.015 && (freq[2] - 0.7).abs() < 0.015, "{freq:?}");
+    }
+
+    #[test]
+    fn top_k_selection_draws_like_a_full_sort() {
+        // Reference: the full sort then truncation (with ties at the k-th score kept).
+        fn reference(scores: &[f32], k: usize, u: f64) -> usize {
+            let mut c: Vec<(f32, u32)> = scores.iter().enumerate().map(|(i, &s)| (s, i as u32)).collect();
+            c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let kth = c[k - 1].0;
+            c.retain(|x| x.0 >= kth);
+            let m = c[0].0;
+            let e: Vec<f64> = c.iter().map(|x| ((x.0 - m) as f64).exp()).collect();
+            let total: f64 = e.iter().sum();
+            let mut acc = 0.0;
+            for (q, x) in e.iter().zip(&c) {
+                acc += q / total;
+                if u < acc {
+                    return x.1 as usize;
+                }
+            }
+            c[c.len() - 1].1 as usize
+        }
+        let mut data = ChaCha8Rng::seed_from_u64(3);
+        for trial in 0..200 {
+            // Coarse scores so that ties (also at the k-th place) are common.
+            let n = 50 + trial % 200;
+            let scores: Vec<f32> = (0..n).map(|_| (data.random::<f32>() * 8.0).round() / 2.0).collect();
+            let k = 1 + trial % 40;
+            let params = SamplingParams { cfg: 1.0, top_k: k, ..Default::default() };
+            let mut s = Sampler::new(params, trial as u64);
+            let mut draws = ChaCha8Rng::seed_from_u64(trial as u64);
+            for _ in 0..5 {
+                let u: f64 = draws.random();
+                assert_eq!(s.sample(&scores), reference(&scores, k, u), "trial {trial}");
+            }
+        }
     }
 
     #[test]
