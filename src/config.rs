@@ -131,14 +131,14 @@ impl TextConfig {
                 self.rope_type()
             ));
         }
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+        if self.num_attention_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(format!(
                 "text_config.num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_kv_heads()
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("text_config head_dim {} must be even for RoPE", self.head_dim()));
         }
         Ok(())
@@ -204,7 +204,7 @@ impl VqConfig {
             return Err("vq_config.channel_multiplier is empty".into());
         }
         for (i, m) in self.channel_multiplier.iter().enumerate() {
-            if (c * m) % 32 != 0 {
+            if !(c * m).is_multiple_of(32) {
                 return Err(format!(
                     "vq_config: base_channels*channel_multiplier[{i}] = {} is not divisible by 32 (GroupNorm groups)",
                     c * m
@@ -242,7 +242,7 @@ impl VqConfig {
                 self.temporal_downsample_factor
             ));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "vq_config.hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads

@@ -2,13 +2,12 @@
 //! instruction edit of the rendered source scene), or send the ground truth through the VQ round
 //! trip, so the judge can score what the model makes.
 
-use std::collections::BTreeMap;
 
 use image::RgbImage;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::generate::ImageJob;
+use crate::generate::{ImageJob, batches};
 use crate::image_io;
 use crate::model::Model;
 use crate::pipeline::{EditMode, EditRequest, T2iRequest};
@@ -62,20 +61,17 @@ pub fn generate_for(
     batch: usize,
     on_image: &mut dyn FnMut(usize, &RgbImage),
 ) -> Result<Vec<RgbImage>> {
-    let mut groups: BTreeMap<(bool, (usize, usize)), Vec<(usize, ImageJob)>> = BTreeMap::new();
+    let mut items = Vec::with_capacity(samples.len());
     for (i, s) in samples.iter().enumerate() {
-        let job = sample_job(model, s, params, seed)?;
-        groups.entry((s.task == Task::Edit, job.grid)).or_default().push((i, job));
+        items.push((i, s.task == Task::Edit, sample_job(model, s, params, seed)?));
     }
     let mut out: Vec<Option<RgbImage>> = vec![None; samples.len()];
-    for group in groups.into_values() {
-        for chunk in group.chunks(batch.max(1)) {
-            let jobs: Vec<ImageJob> = chunk.iter().map(|(_, j)| j.clone()).collect();
-            let (images, _, _) = model.run_jobs(&jobs, &mut |_| {})?;
-            for ((i, _), img) in chunk.iter().zip(images) {
-                on_image(*i, &img);
-                out[*i] = Some(img);
-            }
+    for chunk in batches(items, batch) {
+        let jobs: Vec<ImageJob> = chunk.iter().map(|(_, j)| j.clone()).collect();
+        let (images, _, _) = model.run_jobs(&jobs, &mut |_| {})?;
+        for ((i, _), img) in chunk.iter().zip(images) {
+            on_image(*i, &img);
+            out[*i] = Some(img);
         }
     }
     Ok(out.into_iter().map(|o| o.expect("every sample is generated")).collect())

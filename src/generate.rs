@@ -179,6 +179,27 @@ pub fn generate(
     Ok((out, stats))
 }
 
+/// Jobs grouped for decoding together, in chunks of at most `batch`: one grid per call (as
+/// `generate` requires) and one kind of prompt (an edit prompt holds a whole source image, so
+/// mixing it with text prompts would pad every text row to its length). `items` are
+/// `(tag, is_edit, job)`; groups come out ordered by (kind, grid), items in their given order.
+pub fn batches<T>(items: impl IntoIterator<Item = (T, bool, ImageJob)>, batch: usize) -> Vec<Vec<(T, ImageJob)>> {
+    type Key = (bool, (usize, usize));
+    let mut groups: std::collections::BTreeMap<Key, Vec<(T, ImageJob)>> = Default::default();
+    for (tag, edit, job) in items {
+        groups.entry((edit, job.grid)).or_default().push((tag, job));
+    }
+    let batch = batch.max(1);
+    let mut out = Vec::new();
+    for group in groups.into_values() {
+        let mut group = group.into_iter().peekable();
+        while group.peek().is_some() {
+            out.push(group.by_ref().take(batch).collect());
+        }
+    }
+    out
+}
+
 fn forced_code(job: &ImageJob, cell: usize) -> Option<u32> {
     job.forced.as_ref().and_then(|f| f[cell])
 }
@@ -199,5 +220,37 @@ impl HeadRows {
         let x = hidden.squeeze(1)?.contiguous()?;
         let logits = self.head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(grid: (usize, usize)) -> ImageJob {
+        ImageJob {
+            prompt: vec![1],
+            negative: vec![1],
+            grid,
+            forced: None,
+            params: SamplingParams::greedy(1.0),
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn batches_share_kind_and_grid_and_keep_order() {
+        let items = vec![
+            (0, false, job((16, 16))),
+            (1, true, job((16, 16))),
+            (2, false, job((12, 20))),
+            (3, false, job((16, 16))),
+            (4, false, job((16, 16))),
+            (5, true, job((16, 16))),
+        ];
+        let tags: Vec<Vec<i32>> =
+            batches(items, 2).into_iter().map(|b| b.into_iter().map(|(t, _)| t).collect()).collect();
+        assert_eq!(tags, vec![vec![2], vec![0, 3], vec![4], vec![1, 5]]);
+        assert!(batches(Vec::<((), bool, ImageJob)>::new(), 0).is_empty());
     }
 }

@@ -37,7 +37,7 @@ impl Model {
                 trained.iter().map(|(h, w)| format!("{}x{}", *w as u32 * s, *h as u32 * s)).collect::<Vec<_>>().join(", ")
             }
         };
-        if width == 0 || height == 0 || width % s != 0 || height % s != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(s) || !height.is_multiple_of(s) {
             return Err(Error::Invalid(format!("size {width}x{height} is not supported; valid sizes: {}", valid())));
         }
         let grid = ((height / s) as usize, (width / s) as usize);

@@ -189,7 +189,7 @@ pub enum Slot {
 
 pub fn slot(vocab: &Vocabulary, o: usize, h: usize, w: usize) -> Slot {
     let end = (w + 1) * h;
-    if o % (w + 1) == 0 {
+    if o.is_multiple_of(w + 1) {
         Slot::Forced(vocab.eol)
     } else if o == end + 1 {
         Slot::Forced(vocab.eof)

@@ -7,7 +7,7 @@
 //! images are written to a temporary file and renamed, and listed only once they exist, so a
 //! killed run leaves no partial PNG. `--shard I/N` renders every N-th item from I.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tessera::generate::ImageJob;
+use tessera::generate::{ImageJob, batches};
 use tessera::image_io;
 use tessera::metadata::ImageRecord;
 use tessera::model::Model;
@@ -153,13 +153,11 @@ fn read_manifest(path: &Path, out_dir: &Path) -> anyhow::Result<HashSet<String>>
         f.set_len(keep as u64)?;
     }
     for line in text.lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-            if let Some(name) = v["file"].as_str() {
-                if out_dir.join(name).is_file() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+            && let Some(name) = v["file"].as_str()
+                && out_dir.join(name).is_file() {
                     done.insert(name.to_string());
                 }
-            }
-        }
     }
     Ok(done)
 }
@@ -231,14 +229,17 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening {}", manifest_path.display()))?;
 
     // Decode items of one kind of job and one grid together.
-    let mut groups: BTreeMap<(bool, (usize, usize)), Vec<(Item, ImageJob)>> = BTreeMap::new();
+    let mut items = Vec::with_capacity(pending.len());
     for item in pending {
         let job = match &item.kind {
             ItemKind::T2i(r) => model.t2i_job(r),
             ItemKind::Edit(r) => model.edit_job(r),
         };
         match job {
-            Ok(job) => groups.entry((matches!(item.kind, ItemKind::Edit(_)), job.grid)).or_default().push((item, job)),
+            Ok(job) => {
+                let edit = matches!(item.kind, ItemKind::Edit(_));
+                items.push((item, edit, job));
+            }
             Err(e) => {
                 eprintln!("{}:{}: {e}", args.prompts.display(), item.line);
                 failed += 1;
@@ -246,38 +247,36 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let out_opts = super::generate::OutputArgs { quiet: args.quiet, json: false, preview: false };
-    for group in groups.into_values() {
-        for chunk in group.chunks(args.batch_size as usize) {
-            let jobs: Vec<ImageJob> = chunk.iter().map(|(_, j)| j.clone()).collect();
-            let mut reporter = Reporter::new(&model, &jobs, &out_opts);
-            let t0 = Instant::now();
-            let result = model.run_jobs(&jobs, &mut |p| reporter.step(p));
-            reporter.finish();
-            let (images, _, stats) = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    for (item, _) in chunk {
-                        eprintln!("{}:{}: {e}", args.prompts.display(), item.line);
-                    }
-                    failed += chunk.len();
-                    continue;
+    for chunk in batches(items, args.batch_size as usize) {
+        let jobs: Vec<ImageJob> = chunk.iter().map(|(_, j)| j.clone()).collect();
+        let mut reporter = Reporter::new(&model, &jobs, &out_opts);
+        let t0 = Instant::now();
+        let result = model.run_jobs(&jobs, &mut |p| reporter.step(p));
+        reporter.finish();
+        let (images, _, stats) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                for (item, _) in &chunk {
+                    eprintln!("{}:{}: {e}", args.prompts.display(), item.line);
                 }
-            };
-            let secs = t0.elapsed().as_secs_f64() / chunk.len() as f64;
-            for ((item, _), img) in chunk.iter().zip(&images) {
-                let path = args.out_dir.join(&item.name);
-                item.record.save_png(&path, img).with_context(|| format!("writing {}", path.display()))?;
-                let line = serde_json::json!({
-                    "file": item.name, "line": item.line, "record": item.record,
-                    "secs": secs, "decode_secs": stats.decode_secs, "load_secs": load_secs,
-                });
-                manifest
-                    .write_all(format!("{line}\n").as_bytes())
-                    .and_then(|_| manifest.sync_data())
-                    .with_context(|| format!("appending to {}", manifest_path.display()))?;
-                if !args.quiet {
-                    eprintln!("wrote {}", path.display());
-                }
+                failed += chunk.len();
+                continue;
+            }
+        };
+        let secs = t0.elapsed().as_secs_f64() / chunk.len() as f64;
+        for ((item, _), img) in chunk.iter().zip(&images) {
+            let path = args.out_dir.join(&item.name);
+            item.record.save_png(&path, img).with_context(|| format!("writing {}", path.display()))?;
+            let line = serde_json::json!({
+                "file": item.name, "line": item.line, "record": item.record,
+                "secs": secs, "decode_secs": stats.decode_secs, "load_secs": load_secs,
+            });
+            manifest
+                .write_all(format!("{line}\n").as_bytes())
+                .and_then(|_| manifest.sync_data())
+                .with_context(|| format!("appending to {}", manifest_path.display()))?;
+            if !args.quiet {
+                eprintln!("wrote {}", path.display());
             }
         }
     }
@@ -319,8 +318,8 @@ fn expand(
     tessera::pipeline::check_prompt(&text)?;
     let base = match &line.name {
         Some(name) => {
-            let s = slug(name.trim_end_matches(".png"));
-            s
+            
+            slug(name.trim_end_matches(".png"))
         }
         None => format!("{}-l{ln}", slug(&text)),
     };

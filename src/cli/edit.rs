@@ -79,11 +79,10 @@ pub fn run(args: EditArgs) -> anyhow::Result<ExitCode> {
         (None, Some(k)) => EditMode::KeepRows(k),
         (None, None) => EditMode::Instruction,
     };
-    if let EditMode::Mask(cells) = &mode {
-        if !cells.iter().any(|&c| c) {
+    if let EditMode::Mask(cells) = &mode
+        && !cells.iter().any(|&c| c) {
             bail!("mask {} has no white region: nothing to regenerate", args.mask.as_ref().unwrap().display());
         }
-    }
     let params = args.sampling.resolve(&model, None);
     let seed = args.sampling.seed.unwrap_or_else(random_seed);
     let n = args.count as usize;

@@ -168,11 +168,10 @@ pub fn run(args: GenArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Some(ImageRecord::read_png(p)?),
         None => None,
     };
-    if let Some(r) = &recorded {
-        if r.task != "t2i" {
+    if let Some(r) = &recorded
+        && r.task != "t2i" {
             bail!("{} was made by `tessera {}`; re-run it with that command", args.from.as_ref().unwrap().display(), r.task);
         }
-    }
     let prompt = match (&args.prompt, &recorded) {
         (Some(p), _) => p.clone(),
         (None, Some(r)) => r.prompt.clone(),
@@ -182,11 +181,10 @@ pub fn run(args: GenArgs) -> anyhow::Result<ExitCode> {
     check_output_path(&args.output)?;
     let quiet = args.output_opts.quiet;
     let mut model_args = args.model.clone();
-    if model_args.model.is_none() {
-        if let Some(r) = recorded.as_ref().filter(|r| r.model != "default") {
+    if model_args.model.is_none()
+        && let Some(r) = recorded.as_ref().filter(|r| r.model != "default") {
             model_args.model = Some(r.model.clone());
         }
-    }
     let t_load = Instant::now();
     let model = model_args.load(quiet)?;
     let load_secs = t_load.elapsed().as_secs_f64();
@@ -207,11 +205,10 @@ pub fn run(args: GenArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let jobs = requests.iter().map(|r| model.t2i_job(r)).collect::<tessera::Result<Vec<_>>>()?;
     let model_hash = model.content_hash()?;
-    if let Some(r) = &recorded {
-        if r.model_hash != model_hash && !quiet {
+    if let Some(r) = &recorded
+        && r.model_hash != model_hash && !quiet {
             eprintln!("warning: {} was made with a different model (hash {}), the image will differ", args.from.as_ref().unwrap().display(), &r.model_hash[..10]);
         }
-    }
     if !quiet {
         eprintln!("seed: {seed}{}", if n > 1 { format!(" .. {}", seed.wrapping_add(n as u64 - 1)) } else { String::new() });
     }

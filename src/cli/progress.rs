@@ -47,8 +47,8 @@ impl<'a> Reporter<'a> {
         if let Some(bar) = &self.bar {
             bar.set_position(p.step as u64);
         }
-        if let Some(preview) = &mut self.preview {
-            if p.rows_done > preview.rows_shown {
+        if let Some(preview) = &mut self.preview
+            && p.rows_done > preview.rows_shown {
                 preview.rows_shown = p.rows_done;
                 if let Some(bar) = &self.bar {
                     bar.suspend(|| preview.draw(p));
@@ -56,7 +56,6 @@ impl<'a> Reporter<'a> {
                     preview.draw(p);
                 }
             }
-        }
     }
 
     pub fn finish(&mut self) {

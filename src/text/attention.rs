@@ -60,11 +60,10 @@ impl Attention {
         let kv_len = k.dim(2)?;
 
         let n_rep = h / kvh;
-        if t == 1 {
-            if let Some(y) = single_query_cpu(&q, &k, &v, mask, n_rep)? {
+        if t == 1
+            && let Some(y) = single_query_cpu(&q, &k, &v, mask, n_rep)? {
                 return self.o_proj.forward(&y.reshape((b, 1, h * hd))?);
             }
-        }
         // GQA without copying the keys: query head `i` uses kv head `i / n_rep`, so the
         // (b, h, t, hd) queries are (b, kvh, n_rep * t, hd) in the same memory.
         let q = q.reshape((b, kvh, n_rep * t, hd))?;
