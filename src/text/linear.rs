@@ -89,25 +89,52 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// `out[r, j] = sum_i x[r, i] * w[j, i]` for `rows` rows of `x` (`rows x k`) and `w` (`n x k`).
 pub fn gemv(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
-    // Each task owns a range of output columns and writes them transposed (column-major), so
-    // tasks never share a cache line of output; the result is transposed back at the end.
-    let mut out_t = vec![0f32; n * rows];
-    out_t.par_chunks_mut(COLS_PER_TASK * rows).enumerate().for_each(|(t, chunk)| {
-        let j0 = t * COLS_PER_TASK;
-        let cols = chunk.len() / rows;
-        block(x, rows, k, &w[j0 * k..(j0 + cols) * k], cols, chunk);
-    });
+    // Each task owns a range of output columns and writes them straight into the row-major
+    // result (tasks never write the same element).
     let mut out = vec![0f32; rows * n];
-    for j in 0..n {
-        for r in 0..rows {
-            out[r * n + j] = out_t[j * rows + r];
-        }
-    }
+    let all = Out { ptr: out.as_mut_ptr(), ld: n, col0: 0, rows, cols: n };
+    (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each(|t| {
+        let j0 = t * COLS_PER_TASK;
+        let cols = COLS_PER_TASK.min(n - j0);
+        block(x, rows, k, &w[j0 * k..(j0 + cols) * k], cols, all.window(j0, cols));
+    });
     out
 }
 
-/// Columns `0..cols` of one task: `out[j * rows + r]`.
-fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
+/// The part of a row-major `rows x ld` output that one task writes: columns
+/// `col0..col0 + cols`. Tasks get disjoint columns, so their writes never overlap.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    ld: usize,
+    col0: usize,
+    rows: usize,
+    cols: usize,
+}
+
+// Safety: an `Out` is only a window of one live buffer; the tasks sharing a buffer write
+// disjoint elements, and the buffer is read only after every task has finished.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Columns `col0..col0 + cols` of this window.
+    fn window(&self, col0: usize, cols: usize) -> Out {
+        assert!(col0 + cols <= self.cols);
+        Out { col0: self.col0 + col0, cols, ..*self }
+    }
+
+    /// Write element (row `r`, task column `c`).
+    #[inline(always)]
+    fn set(&self, r: usize, c: usize, v: f32) {
+        assert!(r < self.rows && c < self.cols, "output ({r}, {c}) outside {}x{}", self.rows, self.cols);
+        // Safety: checked just above that the element lies inside this window of the buffer.
+        unsafe { *self.ptr.add(r * self.ld + self.col0 + c) = v }
+    }
+}
+
+/// Columns `0..cols` of one task.
+fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -126,7 +153,7 @@ fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f3
 
 mod portable {
     /// Eight-lane accumulators that the compiler vectorises on any target.
-    pub fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
+    pub fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: super::Out) {
         for j in 0..cols {
             let wj = &w[j * k..(j + 1) * k];
             for r in 0..rows {
@@ -144,7 +171,7 @@ mod portable {
                     s += xr[i] * wj[i];
                     i += 1;
                 }
-                out[j * rows + r] = s;
+                out.set(r, j, s);
             }
         }
     }
@@ -168,7 +195,7 @@ mod avx2 {
     /// while every loaded weight vector is used twice; a tile's 4 weight rows stay in L1 while
     /// the next pair of input rows reuses them.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
+    pub unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: super::Out) {
         // Safety: every pointer stays inside x (rows*k) and w (cols*k): rows and columns past
         // the end are clamped to the last valid one, and i < k8 <= k.
         unsafe {
@@ -199,7 +226,7 @@ mod avx2 {
                             for t in k8..k {
                                 s += *xp[b].add(t) * *wp[c].add(t);
                             }
-                            out[(j + c) * rows + r + b] = s;
+                            out.set(r + b, j + c, s);
                         }
                     }
                     r += 2;
@@ -219,7 +246,7 @@ mod avx512 {
     /// several images (`-n 8`: 16 rows) is bound by the FMA units rather than by loads. One
     /// decode row pair (`-n 1`) uses the 4 x 2 tile and stays bound by memory.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: &mut [f32]) {
+    pub unsafe fn block(x: &[f32], rows: usize, k: usize, w: &[f32], cols: usize, out: super::Out) {
         let mut j = 0;
         while j < cols {
             let nj = (cols - j).min(4);
@@ -229,10 +256,10 @@ mod avx512 {
                 // Safety: the caller checked avx512f; tile() stays inside x and w (see there).
                 unsafe {
                     match nr {
-                        4 => tile::<4>(x, r, k, w, j, nj, rows, out),
-                        3 => tile::<3>(x, r, k, w, j, nj, rows, out),
-                        2 => tile::<2>(x, r, k, w, j, nj, rows, out),
-                        _ => tile::<1>(x, r, k, w, j, nj, rows, out),
+                        4 => tile::<4>(x, r, k, w, j, nj, out),
+                        3 => tile::<3>(x, r, k, w, j, nj, out),
+                        2 => tile::<2>(x, r, k, w, j, nj, out),
+                        _ => tile::<1>(x, r, k, w, j, nj, out),
                     }
                 }
                 r += nr;
@@ -253,8 +280,7 @@ mod avx512 {
         w: &[f32],
         j: usize,
         nj: usize,
-        rows: usize,
-        out: &mut [f32],
+        out: super::Out,
     ) {
         unsafe {
             let k16 = k / 16 * 16;
@@ -278,7 +304,7 @@ mod avx512 {
                     for t in k16..k {
                         s += *xp[b].add(t) * *wp[c].add(t);
                     }
-                    out[(j + c) * rows + r + b] = s;
+                    out.set(r + b, j + c, s);
                 }
             }
         }
@@ -316,26 +342,27 @@ mod tests {
             }
             // Every kernel this processor can run, not only the one gemv picks.
             let mut kernels: Vec<(&str, Vec<f32>)> = Vec::new();
+            let window = |p: &mut Vec<f32>| Out { ptr: p.as_mut_ptr(), ld: n, col0: 0, rows, cols: n };
             let mut p = vec![f32::NAN; n * rows];
-            portable::block(&x, rows, k, &w, n, &mut p);
+            portable::block(&x, rows, k, &w, n, window(&mut p));
             kernels.push(("portable", p));
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     let mut p = vec![f32::NAN; n * rows];
-                    unsafe { avx2::block(&x, rows, k, &w, n, &mut p) };
+                    unsafe { avx2::block(&x, rows, k, &w, n, window(&mut p)) };
                     kernels.push(("avx2", p));
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     let mut p = vec![f32::NAN; n * rows];
-                    unsafe { avx512::block(&x, rows, k, &w, n, &mut p) };
+                    unsafe { avx512::block(&x, rows, k, &w, n, window(&mut p)) };
                     kernels.push(("avx512", p));
                 }
             }
             for (name, p) in &kernels {
                 for j in 0..n {
                     for r in 0..rows {
-                        let (g, e) = (p[j * rows + r] as f64, want[r * n + j]);
+                        let (g, e) = (p[r * n + j] as f64, want[r * n + j]);
                         assert!((g - e).abs() < 1e-4 * (1.0 + e.abs()), "{name} {rows}x{k}x{n}: {g} vs {e}");
                     }
                 }
