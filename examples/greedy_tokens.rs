@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tessera::generate::generate;
+use tessera::generate::{SamplerPlace, generate_with};
 use tessera::model::{LoadOptions, Model, ModelFiles};
 use tessera::pipeline::T2iRequest;
 use tessera::sampler::SamplingParams;
@@ -53,6 +53,15 @@ struct Args {
     /// Skip the VQ decode of the generated codes.
     #[arg(long)]
     no_vq: bool,
+    /// cpu, or cuda (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Language model compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Where guidance (and a greedy argmax) runs: auto (the device on a GPU), host or device.
+    #[arg(long, default_value = "auto")]
+    sampler: String,
 }
 
 fn parse_grid(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -76,7 +85,24 @@ fn main() -> anyhow::Result<()> {
     }
     let t0 = Instant::now();
     let files = ModelFiles::from_dir(std::path::Path::new(&args.model))?;
-    let model = Model::load(files, LoadOptions::default())?;
+    let device = match args.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0)?,
+        other => bail!("--device {other}: expected cpu or cuda"),
+    };
+    let dtype = match args.dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+    };
+    let place = match args.sampler.as_str() {
+        "auto" => SamplerPlace::Auto,
+        "host" => SamplerPlace::Host,
+        "device" => SamplerPlace::Device,
+        other => bail!("--sampler {other}: expected auto, host or device"),
+    };
+    let model = Model::load(files, LoadOptions { device, dtype, ..LoadOptions::default() })?;
     let load_s = t0.elapsed().as_secs_f64();
     let peak_after_load = peak_rss_bytes();
 
@@ -99,7 +125,7 @@ fn main() -> anyhow::Result<()> {
     let mut out = None;
     for _ in 0..args.repeats {
         let t = Instant::now();
-        let (tokens, stats) = generate(&model.text, &model.prompter.vocab, &jobs, &mut |_| {})?;
+        let (tokens, stats) = generate_with(&model.text, &model.prompter.vocab, &jobs, place, &mut |_| {})?;
         let gen_s = t.elapsed().as_secs_f64();
         let vq_decode_s = if args.no_vq {
             None
@@ -125,6 +151,9 @@ fn main() -> anyhow::Result<()> {
         "cfg": args.cfg,
         "temperature": args.temperature,
         "count": args.count,
+        "device": args.device,
+        "dtype": args.dtype,
+        "sampler": args.sampler,
         "cond_ids": jobs[0].prompt,
         "neg_ids": jobs[0].negative,
         "generated_ids": tokens[0].tokens,

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{D, DType, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::sampler::{Sampler, SamplingParams};
@@ -60,11 +60,36 @@ pub struct Progress<'a> {
     pub codes: &'a [Vec<u32>],
 }
 
+/// Where the sampler's inputs are prepared each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SamplerPlace {
+    /// [`SamplerPlace::Device`] when the model runs on a GPU, [`SamplerPlace::Host`] on the CPU.
+    #[default]
+    Auto,
+    /// Every row's candidate logits are copied to the host, which applies guidance.
+    Host,
+    /// Guidance runs as tensor ops where the logits are, and so does the argmax when every job is
+    /// greedy: only the guided scores of each job (or the chosen codes) reach the host, not the
+    /// logits of every row. Same arithmetic as the host's, so the same tokens on the CPU.
+    Device,
+}
+
 /// Run the decode loop for `jobs` (all with the same grid).
 pub fn generate(
     model: &Emu3TextModel,
     vocab: &Vocabulary,
     jobs: &[ImageJob],
+    on_step: &mut dyn FnMut(&Progress),
+) -> Result<(Vec<ImageTokens>, DecodeStats)> {
+    generate_with(model, vocab, jobs, SamplerPlace::Auto, on_step)
+}
+
+/// [`generate`] with the sampler's inputs prepared at `place`.
+pub fn generate_with(
+    model: &Emu3TextModel,
+    vocab: &Vocabulary,
+    jobs: &[ImageJob],
+    place: SamplerPlace,
     on_step: &mut dyn FnMut(&Progress),
 ) -> Result<(Vec<ImageTokens>, DecodeStats)> {
     let Some(first) = jobs.first() else { return Ok((Vec::new(), DecodeStats::default())) };
@@ -119,6 +144,13 @@ pub fn generate(
     let mut stats = DecodeStats { prompt_tokens: longest, ..Default::default() };
     stats.prefill_secs = t0.elapsed().as_secs_f64();
 
+    let on_device = match place {
+        SamplerPlace::Auto => !dev.is_cpu(),
+        SamplerPlace::Host => false,
+        SamplerPlace::Device => true,
+    };
+    let guidance = if on_device { Some(DeviceGuidance::new(jobs, &uncond_row, dev)?) } else { None };
+
     let t1 = Instant::now();
     let mut samplers: Vec<Sampler> = jobs.iter().map(|j| Sampler::new(j.params, j.seed)).collect();
     let mut codes: Vec<Vec<u32>> = vec![Vec::with_capacity(h * w); jobs.len()];
@@ -138,19 +170,23 @@ pub fn generate(
             Slot::Cell { row, col } => {
                 let cell = row * w + col;
                 let needs_logits = jobs.iter().any(|j| forced_code(j, cell).is_none());
-                let logits: Option<Vec<Vec<f32>>> = if needs_logits {
-                    Some(head.forward_rows(&last)?)
-                } else {
+                let scores = if !needs_logits {
                     None
+                } else if let Some(g) = &guidance {
+                    Some(g.scores(&head.forward(&last)?)?)
+                } else {
+                    Some(Scores::Rows(head.forward_rows(&last)?))
                 };
                 for (i, job) in jobs.iter().enumerate() {
-                    let code = match (forced_code(job, cell), &logits) {
+                    let code = match (forced_code(job, cell), &scores) {
                         (Some(c), _) => c,
-                        (None, Some(l)) => {
+                        (None, Some(Scores::Rows(l))) => {
                             let uncond = uncond_row[i].map(|r| l[r].as_slice());
                             samplers[i].guide(&l[i], uncond, &mut guided);
                             samplers[i].sample(&guided) as u32
                         }
+                        (None, Some(Scores::Guided(g))) => samplers[i].sample(&g[i]) as u32,
+                        (None, Some(Scores::Picked(p))) => p[i],
                         (None, None) => unreachable!("logits are computed when a cell is sampled"),
                     };
                     codes[i].push(code);
@@ -204,6 +240,51 @@ fn forced_code(job: &ImageJob, cell: usize) -> Option<u32> {
     job.forced.as_ref().and_then(|f| f[cell])
 }
 
+/// What the sampler gets for one step.
+enum Scores {
+    /// Candidate logits of every row (conditional rows, then unconditional ones).
+    Rows(Vec<Vec<f32>>),
+    /// Guided candidate scores of every job.
+    Guided(Vec<Vec<f32>>),
+    /// The chosen candidate of every job (all greedy).
+    Picked(Vec<u32>),
+}
+
+/// Guidance as tensor ops on the logits' device: `(cond - uncond) * g + uncond` per job, with
+/// `uncond = cond` for a job without guidance (so its scores stay `cond` exactly).
+struct DeviceGuidance {
+    cond: Tensor,
+    uncond: Tensor,
+    scale: Tensor,
+    all_greedy: bool,
+}
+
+impl DeviceGuidance {
+    fn new(jobs: &[ImageJob], uncond_row: &[Option<usize>], dev: &candle_core::Device) -> Result<Self> {
+        let n = jobs.len();
+        let cond: Vec<u32> = (0..n as u32).collect();
+        let uncond: Vec<u32> = (0..n).map(|i| uncond_row[i].unwrap_or(i) as u32).collect();
+        let scale: Vec<f32> = jobs.iter().map(|j| if j.params.uses_guidance() { j.params.cfg as f32 } else { 1.0 }).collect();
+        Ok(Self {
+            cond: Tensor::new(cond, dev)?,
+            uncond: Tensor::new(uncond, dev)?,
+            scale: Tensor::from_vec(scale, (n, 1), dev)?,
+            all_greedy: jobs.iter().all(|j| j.params.temperature <= 0.0),
+        })
+    }
+
+    fn scores(&self, logits: &Tensor) -> Result<Scores> {
+        let cond = logits.index_select(&self.cond, 0)?;
+        let uncond = logits.index_select(&self.uncond, 0)?;
+        let guided = (cond - &uncond)?.broadcast_mul(&self.scale)?.add(&uncond)?;
+        Ok(if self.all_greedy {
+            Scores::Picked(guided.argmax(D::Minus1)?.to_vec1::<u32>()?)
+        } else {
+            Scores::Guided(guided.to_vec2::<f32>()?)
+        })
+    }
+}
+
 /// The LM head restricted to some token rows (the visual tokens).
 pub struct HeadRows {
     head: Linear,
@@ -214,12 +295,16 @@ impl HeadRows {
         Ok(Self { head: Linear::new(weight, None)? })
     }
 
-    /// hidden `(b, 1, d)` -> logits of the selected rows, one f32 vector per batch row.
-    pub fn forward_rows(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    /// hidden `(b, 1, d)` -> f32 logits `(b, rows)` of the selected rows, on the model's device.
+    pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         // CUDA matmul needs a contiguous lhs; the last position of a (b, t, d) batch is strided.
         let x = hidden.squeeze(1)?.contiguous()?;
-        let logits = self.head.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(logits.to_vec2::<f32>()?)
+        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`HeadRows::forward`] copied to the host: one f32 vector per batch row.
+    pub fn forward_rows(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(self.forward(hidden)?.to_vec2::<f32>()?)
     }
 }
 

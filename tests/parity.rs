@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use tessera::generate::{ImageJob, generate};
+use tessera::generate::{ImageJob, SamplerPlace, generate, generate_with};
 use tessera::model::{LoadOptions, Model, ModelFiles};
 use tessera::sampler::SamplingParams;
 
@@ -157,4 +157,28 @@ fn batched_rows_match_single_rows() {
     let (solo_b, _) = generate(&model.text, vocab, &[b], &mut |_| {}).unwrap();
     assert_eq!(both[0].tokens, solo_a[0].tokens);
     assert_eq!(both[1].tokens, solo_b[0].tokens);
+}
+
+#[test]
+fn device_side_guidance_gives_the_host_tokens() {
+    // The device path (guidance and greedy argmax as tensor ops) must draw exactly what the host
+    // path draws; on the CPU both run, so the tokens must be identical.
+    for name in ["tiny-t4", "tiny-t1"] {
+        let (model, r, json) = load(name);
+        let vocab = &model.prompter.vocab;
+        let greedy = reference_job(&r, &json, 1);
+        let mut sampled = greedy.clone();
+        sampled.params = SamplingParams { cfg: 2.5, temperature: 1.0, top_k: 10, top_p: 0.9 };
+        sampled.seed = 7;
+        let mut unguided = greedy.clone();
+        unguided.params = SamplingParams { cfg: 1.0, temperature: 0.8, top_k: 0, top_p: 1.0 };
+        unguided.seed = 3;
+        for jobs in [vec![greedy.clone()], vec![greedy.clone(), sampled.clone(), unguided.clone()]] {
+            let run = |place| generate_with(&model.text, vocab, &jobs, place, &mut |_| {}).unwrap().0;
+            let (host, device) = (run(SamplerPlace::Host), run(SamplerPlace::Device));
+            for (h, d) in host.iter().zip(&device) {
+                assert_eq!(h.tokens, d.tokens, "{name}: {} jobs", jobs.len());
+            }
+        }
+    }
 }
