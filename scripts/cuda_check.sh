@@ -22,17 +22,7 @@ record() { echo "$1" >> "$R"; echo "RESULT $1"; }
 
 step setup
 [ -n "${T_BIN:-}" ] || { xz -dc .cuda/tessera-cuda.xz > "$T" && chmod +x "$T"; }
-libdirs=$(python3 - <<'PY'
-import glob, os, site
-dirs = set()
-for sp in site.getsitepackages():
-    for pat in ("libcublas.so.13*", "libcublasLt.so.13*", "libcurand.so.10*", "libnvrtc.so.13*", "libcudart.so.13*"):
-        for f in glob.glob(os.path.join(sp, "nvidia", "**", pat), recursive=True):
-            dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
+. scripts/cuda_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ldd "$T" | grep -E "cuda|cublas|curand|nvrtc" || true
 
