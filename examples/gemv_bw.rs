@@ -1,4 +1,4 @@
-//! Bandwidth of the decode matrix-vector kernel on the weights of one decode step of the default
+//! Bandwidth of the decode kernel (`text::linear::Panels`) on the weights of one decode step of the default
 //! model, against candle's matmul on the same products (weights as stored, `(out, in)`, and
 //! pre-transposed, `(in, out)`), measured side by side.
 //!
@@ -27,12 +27,14 @@ fn main() -> candle_core::Result<()> {
     let wtt: Vec<Tensor> = wt.iter().map(|w| w.t()?.contiguous()).collect::<Result<_, _>>()?;
     let xs: Vec<Tensor> = shapes.iter().map(|&(k, _)| Tensor::ones((rows, k), candle_core::DType::F32, &dev)).collect::<Result<_, _>>()?;
     let bytes: usize = shapes.iter().map(|&(k, n)| k * n * 4).sum();
+    let panels: Vec<tessera::text::linear::Panels> =
+        ws.iter().zip(&shapes).map(|(w, &(k, n))| tessera::text::linear::Panels::pack(w, n, k)).collect();
     let (mut ours, mut candle_t, mut candle_pre) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..20 {
         let t = Instant::now();
-        for (w, &(k, n)) in ws.iter().zip(&shapes) {
+        for (p, &(k, _)) in panels.iter().zip(&shapes) {
             let x = vec![0.5f32; rows * k];
-            std::hint::black_box(tessera::text::linear::gemv(&x, rows, k, w, n));
+            std::hint::black_box(p.matmul(&x, rows));
         }
         ours.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
@@ -46,7 +48,7 @@ fn main() -> candle_core::Result<()> {
         }
         candle_pre.push(t.elapsed().as_secs_f64());
     }
-    for (name, v) in [("streaming kernel", ours), ("candle x.matmul(W^T)", candle_t), ("candle, W pre-transposed", candle_pre)] {
+    for (name, v) in [("packed-panel kernel", ours), ("candle x.matmul(W^T)", candle_t), ("candle, W pre-transposed", candle_pre)] {
         let m = median(v);
         println!("rows {rows:>2} {name:<26} {:.2} ms (median of 20) = {:.1} GB/s of weights", m * 1e3, bytes as f64 / m / 1e9);
     }
