@@ -168,7 +168,9 @@ fn bench_step(model: &Model) {
 }
 
 fn bench_image(model: &Model, count: usize, base_repeats: usize) {
-    let params = SamplingParams::default(); // cfg 3, temperature 1, all candidates
+    // What `gen` uses: the model's recommended settings (the shipped model: cfg 3,
+    // temperature 1, top-k 64).
+    let params = model.recommended_params();
     let js = jobs(model, count, params);
     let n = repeats(base_repeats);
     let mut steps = 0;

@@ -229,6 +229,19 @@ impl Model {
         self.vq.spatial_factor()
     }
 
+    /// The sampling settings the model recommends (`config.json`'s `tessera` block: guidance,
+    /// temperature, top-k), else guidance 3, temperature 1 and every candidate. What `gen`,
+    /// `edit`, `batch` and `eval` use when no flag overrides them.
+    pub fn recommended_params(&self) -> crate::sampler::SamplingParams {
+        let meta = self.config.tessera.as_ref();
+        crate::sampler::SamplingParams {
+            cfg: meta.and_then(|m| m.cfg).unwrap_or(3.0),
+            temperature: meta.and_then(|m| m.temperature).unwrap_or(1.0),
+            top_k: meta.and_then(|m| m.top_k).unwrap_or(0),
+            top_p: 1.0,
+        }
+    }
+
     /// The token grids the model was trained on (Tessera's metadata), if it says.
     pub fn trained_grids(&self) -> Vec<(usize, usize)> {
         self.config.tessera.as_ref().map(|t| t.grids.iter().map(|g| (g[0], g[1])).collect()).unwrap_or_default()

@@ -70,23 +70,21 @@ fn greedy_edit_matches_transformers() {
     assert_eq!(ours, theirs, "greedy tokens differ in {} places", mismatches(&ours, &theirs));
 }
 
-/// A bench-style sample for a simple prompt, judged on what the default settings draw.
+/// Bench-style samples for simple prompts, judged on what the default settings draw. Sampling
+/// draws a wrong image now and then (the shipped model passes 18-19 of 20 seeds for each of
+/// these prompts), so each prompt gets four seeds and must pass at least three: a broken model or
+/// loader passes none.
 #[test]
 fn simple_prompts_are_drawn() {
+    const SEEDS: [u64; 4] = [1, 2, 3, 4];
     let model = shipped();
     let samples: Vec<Sample> = tessera::world::read_jsonl(&root().join("tests/fixtures/shipped/simple.jsonl")).unwrap();
-    let params = {
-        let meta = model.config.tessera.as_ref().unwrap();
-        SamplingParams {
-            cfg: meta.cfg.unwrap_or(3.0),
-            temperature: meta.temperature.unwrap_or(1.0),
-            top_k: meta.top_k.unwrap_or(0),
-            top_p: 1.0,
-        }
-    };
+    assert!(model.config.tessera.is_some(), "the shipped config has no tessera block");
+    let params = model.recommended_params();
     let jobs: Vec<ImageJob> = samples
         .iter()
-        .map(|s| {
+        .flat_map(|s| SEEDS.map(|seed| (s, seed)))
+        .map(|(s, seed)| {
             model
                 .t2i_job(&T2iRequest {
                     prompt: s.prompt().into(),
@@ -94,16 +92,18 @@ fn simple_prompts_are_drawn() {
                     width: s.width,
                     height: s.height,
                     params,
-                    seed: 1,
+                    seed,
                 })
                 .unwrap()
         })
         .collect();
     let (images, _, _) = model.run_jobs(&jobs, &mut |_| {}).unwrap();
-    for (s, img) in samples.iter().zip(&images) {
-        // The judge must accept the ground truth and the model's image.
+    for (s, imgs) in samples.iter().zip(images.chunks(SEEDS.len())) {
+        // The judge must accept the ground truth and the model's images.
         assert!(tessera::judge::judge(s, &render(&s.spec, s.width, s.height)).pass);
-        let v = tessera::judge::judge(s, img);
-        assert!(v.pass, "\"{}\" was not drawn (seed 1): {}", s.prompt(), v.reason);
+        let verdicts: Vec<_> = imgs.iter().map(|img| tessera::judge::judge(s, img)).collect();
+        let passed = verdicts.iter().filter(|v| v.pass).count();
+        let reasons: Vec<&str> = verdicts.iter().filter(|v| !v.pass).map(|v| v.reason.as_str()).collect();
+        assert!(passed >= 3, "\"{}\" was drawn for {passed} of seeds {SEEDS:?}: {reasons:?}", s.prompt());
     }
 }

@@ -104,13 +104,7 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
 impl SamplingArgs {
     /// Flags over the recorded settings over the model's recommendation over the defaults.
     pub fn resolve(&self, model: &Model, recorded: Option<&SamplingParams>) -> SamplingParams {
-        let meta = model.config.tessera.as_ref();
-        let base = recorded.copied().unwrap_or(SamplingParams {
-            cfg: meta.and_then(|m| m.cfg).unwrap_or(3.0),
-            temperature: meta.and_then(|m| m.temperature).unwrap_or(1.0),
-            top_k: meta.and_then(|m| m.top_k).unwrap_or(0),
-            top_p: 1.0,
-        });
+        let base = recorded.copied().unwrap_or_else(|| model.recommended_params());
         SamplingParams {
             cfg: self.cfg.unwrap_or(base.cfg),
             temperature: self.temperature.unwrap_or(base.temperature),
