@@ -178,17 +178,19 @@ impl Group<'_> {
         let (hd, kv_len) = (self.hd, self.keys.len() / self.hd);
         let heads = self.q.len() / hd;
         let mut scores = vec![0f32; heads * kv_len];
-        for (qv, row) in self.q.chunks_exact(hd).zip(scores.chunks_exact_mut(kv_len.max(1))) {
-            if wide {
-                #[cfg(target_arch = "x86_64")]
-                // Safety: avx512f was detected; the lengths match (kv_len keys of hd).
-                unsafe {
-                    match hd {
-                        64 => avx512::scores::<4>(qv, self.keys, row),
-                        _ => avx512::scores::<8>(qv, self.keys, row),
-                    }
-                }
-            } else {
+        if wide {
+            #[cfg(target_arch = "x86_64")]
+            // Safety: avx512f was detected (run_avx512) and hd is 64 or 128; the slices hold
+            // `heads` queries and `kv_len` keys of hd.
+            unsafe {
+                avx512::for_head_groups(hd, heads, |c, h0, nh| {
+                    let q = &self.q[h0 * hd..(h0 + nh) * hd];
+                    let rows = &mut scores[h0 * kv_len..(h0 + nh) * kv_len];
+                    avx512::dispatch!(c, nh, scores(q, self.keys, kv_len, rows))
+                });
+            }
+        } else {
+            for (qv, row) in self.q.chunks_exact(hd).zip(scores.chunks_exact_mut(kv_len.max(1))) {
                 for (s, key) in row.iter_mut().zip(self.keys.chunks_exact(hd)) {
                     *s = dot(qv, key);
                 }
@@ -208,17 +210,19 @@ impl Group<'_> {
             }
             *inv = 1.0 / total;
         }
-        for ((o, row), inv) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(kv_len.max(1))).zip(inv_total) {
-            if wide {
-                #[cfg(target_arch = "x86_64")]
-                // Safety: as above.
-                unsafe {
-                    match hd {
-                        64 => avx512::weighted_sum::<4>(row, self.values, inv, o),
-                        _ => avx512::weighted_sum::<8>(row, self.values, inv, o),
-                    }
-                }
-            } else {
+        if wide {
+            #[cfg(target_arch = "x86_64")]
+            // Safety: as above; `out` holds `heads` outputs of hd.
+            unsafe {
+                avx512::for_head_groups(hd, heads, |c, h0, nh| {
+                    let p = &scores[h0 * kv_len..(h0 + nh) * kv_len];
+                    let inv = &inv_total[h0..h0 + nh];
+                    let o = &mut out[h0 * hd..(h0 + nh) * hd];
+                    avx512::dispatch!(c, nh, weighted_sum(p, kv_len, self.values, inv, o))
+                });
+            }
+        } else {
+            for ((o, row), inv) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(kv_len.max(1))).zip(inv_total) {
                 o.fill(0.0);
                 for (&p, value) in row.iter().zip(self.values.chunks_exact(hd)) {
                     for (oi, vi) in o.iter_mut().zip(value) {
@@ -235,40 +239,88 @@ impl Group<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `scores[j] = q . keys[j]` for a head of `16 * C` values, the query held in registers.
-    /// The caller checks avx512f and that `keys` holds `scores.len()` keys of `16 * C`.
+    /// Keys/values prefetched this many ahead (a key of 64 floats is 4 cache lines).
+    const AHEAD: usize = 8;
+
+    /// Call `f(c, h0, nh)` for groups of `nh` consecutive query heads that fit in registers
+    /// (up to 4 heads of 64 values, `c` = 4 vectors each, or 2 heads of 128, `c` = 8).
+    pub fn for_head_groups(hd: usize, heads: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let (c, max) = if hd == 64 { (4, 4) } else { (8, 2) };
+        let mut h0 = 0;
+        while h0 < heads {
+            let nh = (heads - h0).min(max);
+            f(c, h0, nh);
+            h0 += nh;
+        }
+    }
+
+    /// `$f::<C, H>($args)` for the (vectors per head, heads) pairs `for_head_groups` gives.
+    macro_rules! dispatch {
+        ($c:expr, $nh:expr, $f:ident($($arg:expr),*)) => {
+            match ($c, $nh) {
+                (4, 4) => avx512::$f::<4, 4>($($arg),*),
+                (4, 3) => avx512::$f::<4, 3>($($arg),*),
+                (4, 2) => avx512::$f::<4, 2>($($arg),*),
+                (4, _) => avx512::$f::<4, 1>($($arg),*),
+                (_, 2) => avx512::$f::<8, 2>($($arg),*),
+                _ => avx512::$f::<8, 1>($($arg),*),
+            }
+        };
+    }
+    pub(super) use dispatch;
+
+    /// `scores[h * kv_len + j] = q_h . key_j` for `H` heads of `16 * C` values: the queries stay
+    /// in registers, each key is loaded once for all of them, and each dot product runs as two
+    /// independent chains. The caller checks avx512f.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores<const C: usize>(q: &[f32], keys: &[f32], scores: &mut [f32]) {
-        assert!(q.len() == 16 * C && keys.len() >= scores.len() * 16 * C);
+    pub unsafe fn scores<const C: usize, const H: usize>(q: &[f32], keys: &[f32], kv_len: usize, scores: &mut [f32]) {
+        assert!(C % 2 == 0 && q.len() == H * 16 * C && keys.len() >= kv_len * 16 * C && scores.len() == H * kv_len);
         unsafe {
-            let qv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(16 * c)));
-            for (j, s) in scores.iter_mut().enumerate() {
+            let qv: [[__m512; C]; H] = std::array::from_fn(|h| std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add((h * C + c) * 16))));
+            for j in 0..kv_len {
                 let kp = keys.as_ptr().add(j * 16 * C);
-                let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-                for (c, q) in qv.iter().enumerate().skip(1) {
-                    acc = _mm512_fmadd_ps(*q, _mm512_loadu_ps(kp.add(16 * c)), acc);
+                for c in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(kp.wrapping_add((AHEAD * C + c) * 16) as *const i8);
                 }
-                *s = _mm512_reduce_add_ps(acc);
+                let kv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(kp.add(16 * c)));
+                for (h, qh) in qv.iter().enumerate() {
+                    let mut a = _mm512_mul_ps(qh[0], kv[0]);
+                    let mut b = _mm512_mul_ps(qh[1], kv[1]);
+                    for c in (2..C).step_by(2) {
+                        a = _mm512_fmadd_ps(qh[c], kv[c], a);
+                        b = _mm512_fmadd_ps(qh[c + 1], kv[c + 1], b);
+                    }
+                    *scores.get_unchecked_mut(h * kv_len + j) = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+                }
             }
         }
     }
 
-    /// `o = scale * sum_j p[j] * values[j]` for a head of `16 * C` values, `o` held in registers.
+    /// `o_h = inv[h] * sum_j p[h * kv_len + j] * value_j` for `H` heads of `16 * C` values: the
+    /// sums stay in registers (H x C independent chains) and each value is loaded once.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_sum<const C: usize>(p: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
-        assert!(o.len() == 16 * C && values.len() >= p.len() * 16 * C);
+    pub unsafe fn weighted_sum<const C: usize, const H: usize>(p: &[f32], kv_len: usize, values: &[f32], inv: &[f32], o: &mut [f32]) {
+        assert!(p.len() == H * kv_len && values.len() >= kv_len * 16 * C && inv.len() == H && o.len() == H * 16 * C);
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); C];
-            for (j, &pj) in p.iter().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); C]; H];
+            for j in 0..kv_len {
                 let vp = values.as_ptr().add(j * 16 * C);
-                let w = _mm512_set1_ps(pj);
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *a);
+                for c in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(vp.wrapping_add((AHEAD * C + c) * 16) as *const i8);
+                }
+                let v: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(vp.add(16 * c)));
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*p.get_unchecked(h * kv_len + j));
+                    for (a, vc) in acc_h.iter_mut().zip(&v) {
+                        *a = _mm512_fmadd_ps(w, *vc, *a);
+                    }
                 }
             }
-            let s = _mm512_set1_ps(scale);
-            for (c, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), _mm512_mul_ps(*a, s));
+            for (h, acc_h) in acc.iter().enumerate() {
+                let s = _mm512_set1_ps(inv[h]);
+                for (c, a) in acc_h.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add((h * C + c) * 16), _mm512_mul_ps(*a, s));
+                }
             }
         }
     }
@@ -323,7 +375,7 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
-        for &(hd, heads, kv_len, masked) in &[(64, 3, 1, false), (64, 3, 37, true), (128, 2, 300, true), (32, 4, 20, false), (8, 1, 5, true)] {
+        for &(hd, heads, kv_len, masked) in &[(64, 3, 1, false), (64, 3, 37, true), (64, 4, 50, true), (64, 6, 9, false), (128, 2, 300, true), (128, 3, 10, true), (32, 4, 20, false), (8, 1, 5, true)] {
             let q: Vec<f32> = (0..heads * hd).map(|_| rnd()).collect();
             let keys: Vec<f32> = (0..kv_len * hd).map(|_| rnd()).collect();
             let values: Vec<f32> = (0..kv_len * hd).map(|_| rnd()).collect();
