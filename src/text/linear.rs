@@ -7,8 +7,9 @@
 //! output columns stored input-major (`panel[i][c] = W[p * PANEL + c][i]`). A kernel then
 //! keeps a tile of up to 16 rows x [`PANEL`] sums in registers for the whole reduction: every
 //! weight vector it loads feeds one FMA per row, every input element is broadcast once per
-//! panel, no horizontal sums are needed, and the weights are prefetched a fixed distance ahead. The same kernel serves the prompt's prefill (many
-//! rows) and the steps; other devices and dtypes go through candle's matmul.
+//! panel, no horizontal sums are needed, and the weights are prefetched a fixed distance ahead.
+//! The same kernel serves the prompt's prefill (many rows) and the steps; other devices and
+//! dtypes go through candle's matmul.
 //! Results differ from candle's only by summation order (each sum runs over the inputs in
 //! order, so it does not depend on the number of threads).
 
