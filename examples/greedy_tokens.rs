@@ -87,7 +87,7 @@ fn main() -> anyhow::Result<()> {
     let files = ModelFiles::from_dir(std::path::Path::new(&args.model))?;
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
-        "cuda" => candle_core::Device::new_cuda(0)?,
+        "cuda" => tessera::device::cuda(0)?,
         other => bail!("--device {other}: expected cpu or cuda"),
     };
     let dtype = match args.dtype.as_str() {

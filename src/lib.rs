@@ -7,6 +7,7 @@
 //! - [`world`] and [`judge`]: the procedural training world and the prompt-adherence judge.
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod evaluate;
 pub mod generate;

@@ -64,7 +64,7 @@ pub fn device(arg: DeviceArg, quiet: bool) -> anyhow::Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device cuda: this tessera was built without CUDA; rebuild with `--features cuda` (see README)");
             }
-            Device::new_cuda(0).context("--device cuda: no usable CUDA GPU")?
+            tessera::device::cuda(0).context("--device cuda: no usable CUDA GPU")?
         }
         DeviceArg::Metal => {
             if !candle_core::utils::metal_is_available() {
@@ -74,7 +74,7 @@ pub fn device(arg: DeviceArg, quiet: bool) -> anyhow::Result<Device> {
         }
         DeviceArg::Auto => {
             let dev = if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0).unwrap_or(Device::Cpu)
+                tessera::device::cuda(0).unwrap_or(Device::Cpu)
             } else if candle_core::utils::metal_is_available() {
                 Device::new_metal(0).unwrap_or(Device::Cpu)
             } else {

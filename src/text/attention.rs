@@ -2,12 +2,21 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_nn::kv_cache::KvCache;
+
+use super::cache::LayerCache;
+use super::cuda_decode;
 
 use super::linear::Linear;
 
 use super::rope::RotaryEmbedding;
 use crate::config::TextConfig;
+
+/// How a forward pass attends: the generic tensor ops with an optional additive mask, or the
+/// fused CUDA decode kernels (one new token per row) with each row's padding `(b,)` u32.
+pub enum Step {
+    Generic { mask: Option<Tensor> },
+    Fused { pad: Tensor },
+}
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -39,18 +48,19 @@ impl Attention {
         })
     }
 
-    /// x `(b, t, d)`; cos/sin `(b, t, hd/2)`; mask `(b, 1, t, kv_len)` additive.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    /// x `(b, t, d)`; cos/sin `(b, t, hd/2)`; `mask` `(b, 1, t, kv_len)` additive, or, for the
+    /// fused CUDA decode step (see `Step`), each row's padding.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, step: &Step, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x)?;
+        let mask = match step {
+            Step::Fused { pad } => {
+                let y = cuda_decode::attend(&qkv, cos, sin, pad, cache, h, kvh, hd)?;
+                return self.o_proj.forward(&y);
+            }
+            Step::Generic { mask } => mask.as_ref(),
+        };
         let q = qkv.narrow(2, 0, h * hd)?.reshape((b, t, h, hd))?.transpose(1, 2)?;
         let k = qkv.narrow(2, h * hd, kvh * hd)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?;
         let v = qkv.narrow(2, (h + kvh) * hd, kvh * hd)?.reshape((b, t, kvh, hd))?.transpose(1, 2)?.contiguous()?;
@@ -274,7 +284,7 @@ mod avx512 {
     /// independent chains. The caller checks avx512f.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn scores<const C: usize, const H: usize>(q: &[f32], keys: &[f32], kv_len: usize, scores: &mut [f32]) {
-        assert!(C % 2 == 0 && q.len() == H * 16 * C && keys.len() >= kv_len * 16 * C && scores.len() == H * kv_len);
+        assert!(C.is_multiple_of(2) && q.len() == H * 16 * C && keys.len() >= kv_len * 16 * C && scores.len() == H * kv_len);
         unsafe {
             let qv: [[__m512; C]; H] = std::array::from_fn(|h| std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add((h * C + c) * 16))));
             for j in 0..kv_len {

@@ -2,6 +2,7 @@
 
 mod attention;
 mod cache;
+mod cuda_decode;
 pub mod linear;
 mod mlp;
 mod model;

@@ -4,8 +4,9 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
-use super::attention::Attention;
+use super::attention::{Attention, Step};
 use super::cache::Cache;
+use super::cuda_decode;
 use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
 use crate::config::TextConfig;
@@ -112,11 +113,18 @@ impl Emu3TextModel {
         }
         let positions = cache.positions(t, &self.device)?;
         let (cos, sin) = self.rope.at(&positions)?;
-        let mask = cache.mask(t, &self.device)?.map(|m| m.to_dtype(self.dtype)).transpose()?;
+        let c = &self.cfg;
+        let step = if t == 1
+            && cuda_decode::usable(&self.device, self.dtype, c.num_attention_heads, c.num_kv_heads(), c.head_dim(), cache.len() + 1)
+        {
+            Step::Fused { pad: cache.pad_tensor(&self.device)? }
+        } else {
+            Step::Generic { mask: cache.mask(t, &self.device)?.map(|m| m.to_dtype(self.dtype)).transpose()? }
+        };
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, mask.as_ref(), cache.layer_mut(i))?;
+            let h = layer.self_attn.forward(&h, &cos, &sin, &step, cache.layer_mut(i))?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;

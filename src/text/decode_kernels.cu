@@ -1,0 +1,178 @@
+// Fused CUDA kernels for one decode step (one new token per row), built into PTX by build.rs
+// when the `cuda` feature is on, and launched from src/text/cuda_decode.rs.
+//
+// rope_append: RoPE on the new token's queries and keys, and the key/value write into the
+//   preallocated cache, in one launch (replaces 3 contiguous copies, 2 RoPE kernels and 2 cache
+//   copies per layer).
+// decode_attention: one query per row against the cached keys/values, with grouped-query heads,
+//   left-padding masks and the softmax in f32 (replaces matmul, scale, mask, 2 casts, softmax,
+//   matmul and the output transpose per layer).
+//
+// Rounding follows the unfused candle path step by step, so bf16/f16 results stay within a
+// rounding of it: scores are rounded to T after the dot product and after the scale, the
+// probabilities are rounded to T before the weighted sum, and the output is rounded once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float tof(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 fromf<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __float2half(x); }
+
+// Round a float to T and back: what storing an intermediate tensor of dtype T does.
+template <typename T> __device__ __forceinline__ float round_t(float x) { return tof(fromf<T>(x)); }
+
+// qkv: (b, (h + 2 kvh) * hd), the fused projection of the new token of each row.
+// cos, sin: (b, hd / 2) at each row's position.
+// q_out: (b, h, hd) rotated queries.
+// k_cache, v_cache: (b, kvh, max_len, hd); the new token goes to index `pos`.
+// One thread per (row, head of q|k|v, pair index i < hd / 2).
+template <typename T>
+__device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache,
+                            uint32_t b, uint32_t h, uint32_t kvh, uint32_t hd, uint32_t max_len, uint32_t pos) {
+  const uint32_t half = hd / 2;
+  const uint32_t heads = h + 2 * kvh;
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= b * heads * half) return;
+  const uint32_t i = idx % half;
+  const uint32_t head = (idx / half) % heads;
+  const uint32_t row = idx / (half * heads);
+  const T *x = qkv + (size_t)row * heads * hd + (size_t)head * hd;
+  const T x1 = x[i];
+  const T x2 = x[i + half];
+  if (head >= h + kvh) {  // value: copied as is
+    T *dst = v_cache + (((size_t)row * kvh + (head - h - kvh)) * max_len + pos) * hd;
+    dst[i] = x1;
+    dst[i + half] = x2;
+    return;
+  }
+  const T c = cos[(size_t)row * half + i];
+  const T s = sin[(size_t)row * half + i];
+  // The same expression, in T, as candle's rope kernel.
+  const T y1 = x1 * c - x2 * s;
+  const T y2 = x1 * s + x2 * c;
+  T *dst = head < h ? q_out + ((size_t)row * h + head) * hd
+                    : k_cache + (((size_t)row * kvh + (head - h)) * max_len + pos) * hd;
+  dst[i] = y1;
+  dst[i + half] = y2;
+}
+
+#define ATT_THREADS 1024
+#define ATT_WARPS (ATT_THREADS / 32)
+#define MAX_HD 128
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, m));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffff, v, m);
+  return v;
+}
+
+// Reduce over the block (ATT_THREADS threads) with `red` (ATT_WARPS floats of shared memory).
+template <bool MAX>
+__device__ float block_reduce(float v, float *red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // `red` may still be read from the previous reduction
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < ATT_WARPS ? red[lane] : (MAX ? -INFINITY : 0.f);
+  return MAX ? warp_max(v) : warp_sum(v);
+}
+
+// q: (b, h, hd); k_cache, v_cache: (b, kvh, max_len, hd) holding kv_len tokens; pad: (b,) u32,
+// keys before pad[row] are masked; out: (b, h, hd). One block per (row, query head). `scale` is
+// 1/sqrt(hd) already rounded to T on the host (candle's affine op multiplies by it in T).
+// Dynamic shared memory: kv_len + hd + ATT_WARPS * hd + ATT_WARPS floats.
+template <typename T>
+__device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, const uint32_t *pad, T *out,
+                                 uint32_t h, uint32_t kvh, uint32_t hd, uint32_t max_len, uint32_t kv_len,
+                                 float scale) {
+  extern __shared__ float smem[];
+  float *p = smem;                     // kv_len: scores, then probabilities
+  float *qs = p + kv_len;              // hd
+  float *part = qs + hd;               // ATT_WARPS * hd: per-warp partial outputs
+  float *red = part + ATT_WARPS * hd;  // ATT_WARPS
+  const uint32_t row = blockIdx.x / h, head = blockIdx.x % h;
+  const uint32_t kv_head = head / (h / kvh);
+  const T *keys = k_cache + ((size_t)row * kvh + kv_head) * max_len * hd;
+  const T *values = v_cache + ((size_t)row * kvh + kv_head) * max_len * hd;
+  const uint32_t first = pad[row];
+
+  for (uint32_t d = threadIdx.x; d < hd; d += ATT_THREADS) qs[d] = tof(q[((size_t)row * h + head) * hd + d]);
+  __syncthreads();
+
+  // Scores: one key per thread at a time.
+  float mx = -INFINITY;
+  for (uint32_t j = threadIdx.x; j < kv_len; j += ATT_THREADS) {
+    float s = -INFINITY;
+    if (j >= first) {
+      const T *kj = keys + (size_t)j * hd;
+      float dot = 0.f;
+#pragma unroll 8
+      for (uint32_t d = 0; d < hd; ++d) dot += qs[d] * tof(kj[d]);
+      s = round_t<T>(round_t<T>(dot) * scale);
+    }
+    p[j] = s;
+    mx = fmaxf(mx, s);
+  }
+  mx = block_reduce<true>(mx, red);
+  float sum = 0.f;
+  for (uint32_t j = threadIdx.x; j < kv_len; j += ATT_THREADS) {
+    const float e = expf(p[j] - mx);
+    p[j] = e;
+    sum += e;
+  }
+  sum = block_reduce<false>(sum, red);
+  const float inv = 1.f / sum;
+  for (uint32_t j = threadIdx.x; j < kv_len; j += ATT_THREADS) p[j] = round_t<T>(p[j] * inv);
+  __syncthreads();
+
+  // Weighted sum of the values: warps split the keys, lanes split the head dimension.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint32_t per_lane = hd / 32;  // 1, 2 or 4
+  float acc[MAX_HD / 32] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+  for (uint32_t j = warp; j < kv_len; j += ATT_WARPS) {
+    const float pj = p[j];
+    const T *vj = values + (size_t)j * hd + lane * per_lane;
+#pragma unroll
+    for (int e = 0; e < MAX_HD / 32; ++e)
+      if (e < per_lane) acc[e] += pj * tof(vj[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < MAX_HD / 32; ++e)
+    if (e < per_lane) part[warp * hd + lane * per_lane + e] = acc[e];
+  __syncthreads();
+  for (uint32_t d = threadIdx.x; d < hd; d += ATT_THREADS) {
+    float y = 0.f;
+    for (int w = 0; w < ATT_WARPS; ++w) y += part[w * hd + d];
+    out[((size_t)row * h + head) * hd + d] = fromf<T>(y);
+  }
+}
+
+#define DECODE_OPS(T, SUFFIX)                                                                                  \
+  extern "C" __global__ void rope_append_##SUFFIX(const T *qkv, const T *cos, const T *sin, T *q_out,          \
+                                                  T *k_cache, T *v_cache, uint32_t b, uint32_t h, uint32_t kvh, \
+                                                  uint32_t hd, uint32_t max_len, uint32_t pos) {                \
+    rope_append<T>(qkv, cos, sin, q_out, k_cache, v_cache, b, h, kvh, hd, max_len, pos);                       \
+  }                                                                                                            \
+  extern "C" __global__ void decode_attention_##SUFFIX(const T *q, const T *k_cache, const T *v_cache,         \
+                                                       const uint32_t *pad, T *out, uint32_t h, uint32_t kvh,  \
+                                                       uint32_t hd, uint32_t max_len, uint32_t kv_len,         \
+                                                       float scale) {                                          \
+    decode_attention<T>(q, k_cache, v_cache, pad, out, h, kvh, hd, max_len, kv_len, scale);                    \
+  }
+
+DECODE_OPS(float, f32)
+DECODE_OPS(__nv_bfloat16, bf16)
+DECODE_OPS(__half, f16)
