@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
-use tessera::generate::{ImageJob, generate};
+use tessera::generate::{HeadRows, ImageJob, generate};
 use tessera::model::{LoadOptions, Model, ModelFiles};
 use tessera::pipeline::T2iRequest;
 use tessera::sampler::{Sampler, SamplingParams};
@@ -99,15 +99,17 @@ fn prefill(model: &Model, job: &ImageJob, max_len: usize) -> (Cache, Tensor) {
 
 /// Bytes one decode step reads at batch `rows` with `kv_len` cached positions: every LM
 /// weight except the embedding table (of which only `rows` rows), the visual rows of the
-/// LM head, and the K/V cache.
-fn step_bytes(model: &Model, rows: usize, kv_len: usize) -> (usize, usize) {
+/// LM head, and the K/V cache. The linear layers' weights are counted in the dtype the head
+/// streams (f16 for f16 CPU panels), the rest in the model's dtype.
+fn step_bytes(model: &Model, head: &HeadRows, rows: usize, kv_len: usize) -> (usize, usize) {
     let c = &model.config.text_config;
     let (d, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
     let (h, kv) = (c.num_attention_heads, c.num_kv_heads());
-    let per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * i + 2 * d;
+    let linear = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * i;
     let k = model.prompter.vocab.codebook_size();
     let elt = model.text.dtype().size_in_bytes();
-    let weights = (c.num_hidden_layers * per_layer + d + k * d + rows * d) * elt;
+    let lin_elt = head.weight_dtype().size_in_bytes();
+    let weights = (c.num_hidden_layers * linear + k * d) * lin_elt + (c.num_hidden_layers * 2 * d + d + rows * d) * elt;
     let kv_bytes = c.num_hidden_layers * 2 * rows * kv * kv_len * hd * elt;
     (weights, kv_bytes)
 }
@@ -128,7 +130,7 @@ fn bench_step(model: &Model) {
     // step writes the same slot of the same buffers; nothing grows between repeats.
     let mut at = |cache: &Cache, last: &Tensor, label: &str| {
         let kv_len = cache.len() + 1;
-        let (wb, kb) = step_bytes(model, 2, kv_len);
+        let (wb, kb) = step_bytes(model, &head, 2, kv_len);
         let full = time_it(3, n, || {
             let mut c = cache.clone();
             let logits = head.forward_rows(last).unwrap();

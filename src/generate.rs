@@ -302,6 +302,11 @@ impl HeadRows {
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
+    /// The dtype the head's product reads its weights in (see [`Linear::weight_dtype`]).
+    pub fn weight_dtype(&self) -> DType {
+        self.head.weight_dtype()
+    }
+
     /// [`HeadRows::forward`] copied to the host: one f32 vector per batch row.
     pub fn forward_rows(&self, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
         Ok(self.forward(hidden)?.to_vec2::<f32>()?)
