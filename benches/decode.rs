@@ -99,8 +99,8 @@ fn prefill(model: &Model, job: &ImageJob, max_len: usize) -> (Cache, Tensor) {
 
 /// Bytes one decode step reads at batch `rows` with `kv_len` cached positions: every LM
 /// weight except the embedding table (of which only `rows` rows), the visual rows of the
-/// LM head, and the K/V cache. The linear layers' weights are counted in the dtype the head
-/// streams (f16 for f16 CPU panels), the rest in the model's dtype.
+/// LM head, and the K/V cache. The linear layers' weights are counted as the head streams
+/// them (2 bytes for f16 CPU panels, 34/32 for Q8_0), the rest in the model's dtype.
 fn step_bytes(model: &Model, head: &HeadRows, rows: usize, kv_len: usize) -> (usize, usize) {
     let c = &model.config.text_config;
     let (d, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
@@ -108,8 +108,8 @@ fn step_bytes(model: &Model, head: &HeadRows, rows: usize, kv_len: usize) -> (us
     let linear = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * i;
     let k = model.prompter.vocab.codebook_size();
     let elt = model.text.dtype().size_in_bytes();
-    let lin_elt = head.weight_dtype().size_in_bytes();
-    let weights = (c.num_hidden_layers * linear + k * d) * lin_elt + (c.num_hidden_layers * 2 * d + d + rows * d) * elt;
+    let lin_bytes = ((c.num_hidden_layers * linear + k * d) as f64 * head.bytes_per_weight()) as usize;
+    let weights = lin_bytes + (c.num_hidden_layers * 2 * d + d + rows * d) * elt;
     let kv_bytes = c.num_hidden_layers * 2 * rows * kv * kv_len * hd * elt;
     (weights, kv_bytes)
 }

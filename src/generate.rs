@@ -302,9 +302,9 @@ impl HeadRows {
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    /// The dtype the head's product reads its weights in (see [`Linear::weight_dtype`]).
-    pub fn weight_dtype(&self) -> DType {
-        self.head.weight_dtype()
+    /// Bytes the head's product reads per weight (see [`Linear::bytes_per_weight`]).
+    pub fn bytes_per_weight(&self) -> f64 {
+        self.head.bytes_per_weight()
     }
 
     /// [`HeadRows::forward`] copied to the host: one f32 vector per batch row.

@@ -12,6 +12,7 @@ use crate::config::Emu3Config;
 use crate::error::{Error, Result};
 use crate::image_io;
 use crate::text::Emu3TextModel;
+use crate::text::linear::CpuWeights;
 use crate::tokens::{Prompter, Vocabulary};
 use crate::vq::Emu3VqVae;
 use crate::weights::{WeightSource, checkpoint_files};
@@ -161,11 +162,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Compute dtype of the VQ-VAE.
     pub vq_dtype: DType,
+    /// How the language model's projections hold f32 weights on the CPU (panels, or Q8_0).
+    pub cpu_weights: CpuWeights,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, vq_dtype: DType::F32 }
+        Self { device: Device::Cpu, dtype: DType::F32, vq_dtype: DType::F32, cpu_weights: CpuWeights::FromEnv }
     }
 }
 
@@ -212,7 +215,7 @@ impl Model {
         let prompter = Prompter::new(&files.tokenizer, vocab)?;
         let source = WeightSource::open(&files.weights)?;
         let dev = &options.device;
-        let text_model = Emu3TextModel::new(&config.text_config, source.var_builder(options.dtype, dev))
+        let text_model = Emu3TextModel::new(&config.text_config, source.var_builder(options.dtype, dev), options.cpu_weights)
             .map_err(|e| load_error(&source, e))?;
         let vq = Emu3VqVae::new(&config.vq_config, source.var_builder(options.vq_dtype, dev).pp("vqmodel"))
             .map_err(|e| load_error(&source, e))?;

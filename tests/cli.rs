@@ -58,6 +58,18 @@ fn gen_writes_the_requested_size_with_metadata() {
 }
 
 #[test]
+fn q8_weights_generate_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q8.png");
+    with_model(&["gen", "a red cat", "--size", "8x6", "--seed", "7", "--dtype", "q8", "--device", "cpu", "-o", out.to_str().unwrap(), "-q"])
+        .assert()
+        .success();
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (8, 6));
+    assert_eq!(tessera::metadata::ImageRecord::read_png(&out).unwrap().dtype, "q8");
+}
+
+#[test]
 fn from_reproduces_a_png_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.png");

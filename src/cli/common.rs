@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use tessera::model::{LoadOptions, Model, ModelFiles};
+use tessera::text::linear::CpuWeights;
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -18,7 +19,8 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
 
-    /// Compute precision of the language model (on the CPU, f32 is the fast one).
+    /// Compute precision of the language model (on the CPU, f32 is the fast one; q8: the
+    /// projections quantized to 8 bits, CPU only, lossy).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
 }
@@ -36,12 +38,14 @@ pub enum DTypeArg {
     F32,
     F16,
     Bf16,
+    /// f32 compute with the decoder's projection weights in GGML Q8_0 (CPU only).
+    Q8,
 }
 
 impl DTypeArg {
     pub fn dtype(self) -> DType {
         match self {
-            DTypeArg::F32 => DType::F32,
+            DTypeArg::F32 | DTypeArg::Q8 => DType::F32,
             DTypeArg::F16 => DType::F16,
             DTypeArg::Bf16 => DType::BF16,
         }
@@ -52,6 +56,7 @@ impl DTypeArg {
             DTypeArg::F32 => "f32",
             DTypeArg::F16 => "f16",
             DTypeArg::Bf16 => "bf16",
+            DTypeArg::Q8 => "q8",
         }
     }
 }
@@ -102,7 +107,13 @@ impl ModelArgs {
         let device = device(self.device, quiet)?;
         let files = ModelFiles::resolve(self.model.as_deref())?;
         let name = files.name.clone();
-        let opts = LoadOptions { device, dtype: self.dtype.dtype(), ..Default::default() };
+        let mut opts = LoadOptions { device, dtype: self.dtype.dtype(), ..Default::default() };
+        if self.dtype == DTypeArg::Q8 {
+            if !opts.device.is_cpu() {
+                bail!("--dtype q8 runs on the CPU only; add --device cpu, or use f32/bf16 on the GPU");
+            }
+            opts.cpu_weights = CpuWeights::Q8_0;
+        }
         Model::load(files, opts).with_context(|| format!("loading model {name}"))
     }
 }

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use super::cache::LayerCache;
 use super::cuda_decode;
 
-use super::linear::Linear;
+use super::linear::{CpuWeights, Linear};
 
 use super::rope::RotaryEmbedding;
 use crate::config::TextConfig;
@@ -29,7 +29,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, weights: CpuWeights) -> Result<Self> {
         let (d, h, kv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
         let lin = |i, o, name| {
             if cfg.attention_bias {
@@ -40,8 +40,8 @@ impl Attention {
         };
         let o = lin(h * hd, d, "o_proj")?;
         Ok(Self {
-            qkv_proj: Linear::fused(&[lin(d, h * hd, "q_proj")?, lin(d, kv * hd, "k_proj")?, lin(d, kv * hd, "v_proj")?])?,
-            o_proj: Linear::new(o.weight().clone(), o.bias().cloned())?,
+            qkv_proj: Linear::fused(&[lin(d, h * hd, "q_proj")?, lin(d, kv * hd, "k_proj")?, lin(d, kv * hd, "v_proj")?], weights)?,
+            o_proj: Linear::with_cpu_weights(o.weight().clone(), o.bias().cloned(), weights)?,
             heads: h,
             kv_heads: kv,
             head_dim: hd,

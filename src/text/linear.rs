@@ -17,11 +17,14 @@
 //! to f32 at load, like the shipped model) is packed as f16 panels: half the bytes to stream
 //! per step. The kernels widen each weight vector to f32 as they load it (exact) and run the
 //! same FMAs in the same order, so the results are bit-identical to f32 panels. Any other
-//! matrix keeps f32 panels. `TESSERA_CPU_WEIGHTS=f32` keeps f32 panels for every matrix (for
+//! matrix keeps f32 panels. `--dtype q8` (or `TESSERA_CPU_WEIGHTS=q8_0`) quantizes them to
+//! GGML's Q8_0 for candle's quantized matmul instead (lossy: the speed/quality table is in
+//! BENCHMARKS.md). `TESSERA_CPU_WEIGHTS=f32` keeps f32 panels for every matrix (for
 //! before/after measurements in one binary); `auto` (the default) picks f16 where lossless.
 
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -52,42 +55,86 @@ enum Weight {
     Dense(Tensor),
     /// f32 on the CPU, repacked for the kernels below (as f16 where that is exact).
     Packed(Arc<Panels>),
+    /// Quantized to GGML's Q8_0 on the CPU (`--dtype q8`): candle's quantized matmul, which
+    /// quantizes the inputs to 8 bits too. Lossy.
+    Quantized { mm: Arc<QMatMul>, n: usize, k: usize },
+}
+
+/// How [`Linear::with_cpu_weights`] holds f32 weights on the CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CpuWeights {
+    /// `TESSERA_CPU_WEIGHTS` (`auto`, `f32` or `q8_0`), `auto` when unset.
+    #[default]
+    FromEnv,
+    /// Panels, as f16 where every value is exact in f16 (lossless).
+    Auto,
+    /// f32 panels.
+    F32,
+    /// GGML Q8_0 blocks of 32 weights (8 bits + one f16 scale each), candle's quantized matmul.
+    Q8_0,
+}
+
+impl CpuWeights {
+    fn resolve(self) -> Result<Self> {
+        if self != CpuWeights::FromEnv {
+            return Ok(self);
+        }
+        match std::env::var("TESSERA_CPU_WEIGHTS").as_deref() {
+            Err(_) | Ok("" | "auto") => Ok(CpuWeights::Auto),
+            Ok("f32") => Ok(CpuWeights::F32),
+            Ok("q8_0") => Ok(CpuWeights::Q8_0),
+            Ok(other) => candle_core::bail!("TESSERA_CPU_WEIGHTS={other}: expected auto, f32 or q8_0"),
+        }
+    }
 }
 
 impl Linear {
-    /// `weight` is `(out, in)`.
+    /// `weight` is `(out, in)`; CPU f32 weights held as `TESSERA_CPU_WEIGHTS` says.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
-            let (n, k) = weight.dims2()?;
-            let w = weight.contiguous()?;
-            let half = half_panels_allowed()?;
-            Weight::Packed(Arc::new(with_f32(&w, |ws| Panels::new(ws, n, k, half))?))
-        } else {
-            Weight::Dense(weight.contiguous()?)
+        Self::with_cpu_weights(weight, bias, CpuWeights::FromEnv)
+    }
+
+    /// [`Linear::new`] with CPU f32 weights held as `mode` says (other devices and dtypes keep
+    /// the dense tensor).
+    pub fn with_cpu_weights(weight: Tensor, bias: Option<Tensor>, mode: CpuWeights) -> Result<Self> {
+        if !(weight.device().is_cpu() && weight.dtype() == DType::F32) {
+            return Ok(Self { weight: Weight::Dense(weight.contiguous()?), bias });
+        }
+        let (n, k) = weight.dims2()?;
+        let w = weight.contiguous()?;
+        let weight = match mode.resolve()? {
+            CpuWeights::Q8_0 => {
+                let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+                Weight::Quantized { mm: Arc::new(QMatMul::from_qtensor(q)?), n, k }
+            }
+            m => Weight::Packed(Arc::new(with_f32(&w, |ws| Panels::new(ws, n, k, m == CpuWeights::Auto))?)),
         };
         Ok(Self { weight, bias })
     }
 
     /// One layer from several stacked along the output dimension (q|k|v, gate|up), so a
     /// decode step reads them in one pass.
-    pub fn fused(parts: &[candle_nn::Linear]) -> Result<Self> {
+    pub fn fused(parts: &[candle_nn::Linear], mode: CpuWeights) -> Result<Self> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| p.weight()).collect();
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias()).collect();
-        Self::new(Tensor::cat(&weights, 0)?, biases.map(|b| Tensor::cat(&b, 0)).transpose()?)
+        Self::with_cpu_weights(Tensor::cat(&weights, 0)?, biases.map(|b| Tensor::cat(&b, 0)).transpose()?, mode)
     }
 
     pub fn out_features(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.dim(0).unwrap_or(0),
             Weight::Packed(p) => p.n,
+            Weight::Quantized { n, .. } => *n,
         }
     }
 
-    /// What a product streams: `F16` for f16 panels, otherwise the weight's dtype.
-    pub fn weight_dtype(&self) -> DType {
+    /// Bytes a product streams per weight: 2 for f16 panels, 34/32 for Q8_0, otherwise the
+    /// weight's dtype size.
+    pub fn bytes_per_weight(&self) -> f64 {
         match &self.weight {
-            Weight::Dense(w) => w.dtype(),
-            Weight::Packed(p) => p.dtype(),
+            Weight::Dense(w) => w.dtype().size_in_bytes() as f64,
+            Weight::Packed(p) => p.dtype().size_in_bytes() as f64,
+            Weight::Quantized { .. } => 34.0 / 32.0,
         }
     }
 
@@ -95,6 +142,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.dim(1).unwrap_or(0),
             Weight::Packed(p) => p.k,
+            Weight::Quantized { k, .. } => *k,
         }
     }
 }
@@ -119,21 +167,15 @@ impl Module for Linear {
                 Tensor::from_vec(out, out_dims, &Device::Cpu)?.to_dtype(dtype)?
             }
             Weight::Dense(w) => x.reshape((rows, k))?.contiguous()?.matmul(&w.t()?)?.reshape(out_dims)?,
+            Weight::Quantized { mm, .. } => {
+                let dtype = x.dtype();
+                mm.forward(&x.to_dtype(DType::F32)?.reshape((rows, k))?.contiguous()?)?.reshape(out_dims)?.to_dtype(dtype)?
+            }
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
-    }
-}
-
-/// Whether `TESSERA_CPU_WEIGHTS` lets [`Linear::new`] pack f16 panels: `auto` (or unset) does
-/// where that is lossless, `f32` never does.
-fn half_panels_allowed() -> Result<bool> {
-    match std::env::var("TESSERA_CPU_WEIGHTS").as_deref() {
-        Err(_) | Ok("" | "auto") => Ok(true),
-        Ok("f32") => Ok(false),
-        Ok(other) => candle_core::bail!("TESSERA_CPU_WEIGHTS={other}: expected auto or f32"),
     }
 }
 
@@ -690,14 +732,32 @@ mod tests {
     fn linear_packs_f16_only_where_exact() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (70, 48), &dev).unwrap();
-        let dtype = |lin: &Linear| match &lin.weight {
+        let dtype = |w: &Tensor, mode| match Linear::with_cpu_weights(w.clone(), None, mode).unwrap().weight {
             Weight::Packed(p) => p.dtype(),
-            Weight::Dense(_) => panic!("not packed"),
+            _ => panic!("not packed"),
         };
-        assert_eq!(dtype(&Linear::new(w.clone(), None).unwrap()), DType::F32);
+        assert_eq!(dtype(&w, CpuWeights::Auto), DType::F32);
         let exact = w.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
-        let want = if half_panels_allowed().unwrap() { DType::F16 } else { DType::F32 };
-        assert_eq!(dtype(&Linear::new(exact, None).unwrap()), want);
+        assert_eq!(dtype(&exact, CpuWeights::Auto), DType::F16);
+        assert_eq!(dtype(&exact, CpuWeights::F32), DType::F32);
+    }
+
+    #[test]
+    fn q8_0_weights_stay_within_quantization_error() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 64), &dev).unwrap();
+        let q8 = Linear::with_cpu_weights(w.clone(), None, CpuWeights::Q8_0).unwrap();
+        assert!(matches!(q8.weight, Weight::Quantized { n: 70, k: 64, .. }));
+        let f32 = Linear::with_cpu_weights(w, None, CpuWeights::F32).unwrap();
+        for rows in [1usize, 2, 16] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 1, 64), &dev).unwrap();
+            let (a, b) = (q8.forward(&x).unwrap(), f32.forward(&x).unwrap());
+            assert_eq!(a.dims(), &[rows, 1, 70]);
+            // 8-bit weights and inputs: ~1% of the output's scale (sqrt(64) = 8 here), not more.
+            let err = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err > 0.0 && err < 0.03 * scale, "rows {rows}: max error {err} at scale {scale}");
+        }
     }
 
     #[test]

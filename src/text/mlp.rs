@@ -3,7 +3,7 @@
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::linear::Linear;
+use super::linear::{CpuWeights, Linear};
 
 use crate::config::TextConfig;
 
@@ -16,7 +16,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, weights: CpuWeights) -> Result<Self> {
         let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
         let lin = |a, b, name| {
             if cfg.mlp_bias {
@@ -27,8 +27,8 @@ impl Mlp {
         };
         let down = lin(i, d, "down_proj")?;
         Ok(Self {
-            gate_up_proj: Linear::fused(&[lin(d, i, "gate_proj")?, lin(d, i, "up_proj")?])?,
-            down_proj: Linear::new(down.weight().clone(), down.bias().cloned())?,
+            gate_up_proj: Linear::fused(&[lin(d, i, "gate_proj")?, lin(d, i, "up_proj")?], weights)?,
+            down_proj: Linear::with_cpu_weights(down.weight().clone(), down.bias().cloned(), weights)?,
             intermediate: i,
         })
     }

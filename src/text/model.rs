@@ -7,6 +7,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use super::attention::{Attention, Step};
 use super::cache::Cache;
 use super::cuda_decode;
+use super::linear::CpuWeights;
 use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
 use crate::config::TextConfig;
@@ -20,13 +21,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, weights: CpuWeights) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
         Ok(Self {
             input_layernorm: candle_nn::rms_norm(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), weights)?,
             post_attention_layernorm: candle_nn::rms_norm(cfg.hidden_size, eps, vb.pp("post_attention_layernorm"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"), weights)?,
         })
     }
 }
@@ -45,15 +46,16 @@ pub struct Emu3TextModel {
 
 impl Emu3TextModel {
     /// `vb` points at the checkpoint root; weights live under `text_model.model.*` and
-    /// `text_model.lm_head` (see `weights::canonical_name`).
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    /// `text_model.lm_head` (see `weights::canonical_name`). `weights` says how the decoder
+    /// layers' projections hold f32 weights on the CPU.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, weights: CpuWeights) -> Result<Self> {
         if let Err(e) = cfg.validate() {
             candle_core::bail!("{e}")
         }
         let vb_m = vb.pp("text_model").pp("model");
         let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb_m.pp("embed_tokens"))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, vb_m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, vb_m.pp("layers").pp(i), weights))
             .collect::<Result<Vec<_>>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb_m.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
