@@ -130,8 +130,28 @@ mod kernels {
         }
     }
 
-    fn cpu_only() -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused decode ops run on CUDA only")
+    /// `CustomOp3` for an op with a `launch::<T>(a, b, c)` per dtype: CUDA only, f32/bf16/f16.
+    macro_rules! cuda_op3 {
+        ($op:ty, $name:literal) => {
+            impl candle_core::CustomOp3 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    candle_core::bail!("the fused decode ops run on CUDA only")
+                }
+
+                fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+                    match s1.dtype() {
+                        DType::F32 => self.launch::<f32>((s1, l1), (s2, l2), (s3, l3)),
+                        DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2), (s3, l3)),
+                        DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2), (s3, l3)),
+                        other => candle_core::bail!("fused decode: unsupported dtype {other:?}"),
+                    }
+                }
+            }
+        };
     }
 
     /// Rotate the new token's queries and keys; write keys and values to the cache at `pos`.
@@ -180,24 +200,7 @@ mod kernels {
         }
     }
 
-    impl candle_core::CustomOp3 for RopeAppend {
-        fn name(&self) -> &'static str {
-            "tessera-rope-append"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_only()
-        }
-
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s1.dtype() {
-                DType::F32 => self.launch::<f32>((s1, l1), (s2, l2), (s3, l3)),
-                DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2), (s3, l3)),
-                DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2), (s3, l3)),
-                other => candle_core::bail!("fused decode: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op3!(RopeAppend, "tessera-rope-append");
 
     /// Attention of the new query of each row over the cache's first `kv_len` positions.
     /// Inputs q `(b, h, 1, hd)`, the key and value buffers; output `(b, h, 1, hd)`.
@@ -242,22 +245,5 @@ mod kernels {
         }
     }
 
-    impl candle_core::CustomOp3 for Attention {
-        fn name(&self) -> &'static str {
-            "tessera-decode-attention"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_only()
-        }
-
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s1.dtype() {
-                DType::F32 => self.launch::<f32>((s1, l1), (s2, l2), (s3, l3)),
-                DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2), (s3, l3)),
-                DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2), (s3, l3)),
-                other => candle_core::bail!("fused decode: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op3!(Attention, "tessera-decode-attention");
 }
