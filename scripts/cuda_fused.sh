@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Issue 7: the fused CUDA decode step (src/text/cuda_decode.rs) and cudarc's event tracking off
-# (src/device.rs), against the previous path, in one device command with one binary:
-#   base:   TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1   (what run 4 measured)
-#   events: TESSERA_CUDA_FUSED=0                          (event tracking off only)
-#   fused:  defaults                                      (both)
-# Checks: the shipped model's greedy codes on the fused path equal transformers' (f32); bf16/f16
-# codes fused vs base; the judge on a bench sample (padded batches); Emu3-Gen shape step time.
+# Issue 7: A/B of the CUDA decode paths in one device command with one binary. Variants
+# (environment of the same binary):
+#   base:   TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1   (run 4's path: candle ops, cuBLAS)
+#   events: TESSERA_CUDA_FUSED=0                          (cudarc's event tracking off only)
+#   cublas: TESSERA_CUDA_GEMV=0                           (fused attention + SwiGLU, cuBLAS products)
+#   fused:  defaults                                      (everything: + the GEMV kernel)
+# A and B name the two variants compared (default A=cublas B=fused).
+# Steps: KERNELS=1 checks and times the kernels alone (scripts/check_decode_kernels.py); the
+# shipped model's greedy codes on B against transformers' (f32) and A's (bf16/f16); the judge on a
+# bench sample with B (padded batches); the Emu3-Gen shape's step time (EMU3=1, both variants
+# alternated); NCU=1 profiles a few Emu3-Gen decode steps of each variant with ncu (GPU time per
+# kernel against the wall time of a step).
 # Needs the CUDA build, xz-compressed, at .cuda/tessera-cuda.xz (carried; see cuda_check.sh).
 # Usage on the device machine: bash scripts/cuda_fused.sh   (results in $OUT/fused.jsonl)
 set -u
@@ -16,6 +21,8 @@ R="$OUT/fused.jsonl"
 T=${T_BIN:-/tmp/tessera-cuda}
 DEV=${DEV:-cuda}          # DEV=cpu T_BIN=target/release/tessera EMU3=0 LIMIT=1: a dry run on a CPU machine
 LIMIT=${LIMIT:-25}
+A=${A:-cublas}
+B=${B:-fused}
 NEG="lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
 [ -n "${T_BIN:-}" ] || { xz -dc .cuda/tessera-cuda.xz > "$T" && chmod +x "$T"; }
 [ "$DEV" = cuda ] && . scripts/cuda_env.sh
@@ -23,6 +30,7 @@ variant() {  # name -> environment
   case $1 in
     base) echo "TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1" ;;
     events) echo "TESSERA_CUDA_FUSED=0" ;;
+    cublas) echo "TESSERA_CUDA_GEMV=0" ;;
     fused) echo "TESSERA_CUDA_FUSED=1" ;;
   esac
 }
@@ -31,41 +39,49 @@ gen() {  # variant, then gen arguments; prints the JSON
 }
 record() { echo "$1" >> "$R"; echo "RESULT $1"; }
 
+if [ "${KERNELS:-1}" = 1 ] && [ "$DEV" = cuda ]; then
+  echo "=== the kernels alone $(date +%T)"
+  timeout 240 python3 scripts/check_decode_kernels.py --out "$OUT/kernels.jsonl" || echo "KERNEL CHECK FAILED"
+fi
+
 echo "=== warm-up (PTX JIT) $(date +%T)"
 timeout 120 "$T" gen "a cat" --model tests/fixtures/tiny-t4 --device $DEV --size 8x6 -o /tmp/w.png -q --seed 1 > /dev/null
 
 echo "=== shipped model: greedy codes $(date +%T)"
 for dt in f32 bf16 f16; do
-  for v in fused base; do
+  for v in $B $A; do
     gen $v "a red circle" --dtype $dt --size 128x128 --cfg 3 --temperature 0 --seed 1 -o /tmp/s.png > /tmp/s-$v-$dt.json
   done
-  python3 - "$dt" <<'PY' | tee -a "$R"
+  python3 - "$dt" "$A" "$B" <<'PY' | tee -a "$R"
 import json, sys
-dt = sys.argv[1]
+dt, a, b = sys.argv[1:4]
 ref = [c for row in json.load(open("tests/fixtures/shipped/gen_tokens.json"))["codes"] for c in row]
-f, b = (json.load(open(f"/tmp/s-{v}-{dt}.json")) for v in ("fused", "base"))
+f, g = (json.load(open(f"/tmp/s-{v}-{dt}.json")) for v in (b, a))
 agree = lambda x, y: sum(p == q for p, q in zip(x, y))
-print(json.dumps({"check": "shipped_greedy", "dtype": dt, "fused_equals_transformers": f["codes"] == ref,
-                  "fused_vs_transformers": agree(f["codes"], ref), "fused_vs_base": agree(f["codes"], b["codes"]),
-                  "of": len(ref), "fused_tok_s": f["tokens_per_sec"], "base_tok_s": b["tokens_per_sec"]}))
+print(json.dumps({"check": "shipped_greedy", "dtype": dt, "variant": b, "against": a,
+                  "equals_transformers": f["codes"] == ref, "vs_transformers": agree(f["codes"], ref),
+                  "vs_against": agree(f["codes"], g["codes"]), "of": len(ref),
+                  "tok_s": f["tokens_per_sec"], "against_tok_s": g["tokens_per_sec"]}))
 PY
 done
 
 echo "=== shipped model: -n 8 sampled, decode time $(date +%T)"
-for v in base fused base fused; do
+for v in $A $B $A $B; do
   j=$(gen $v "a red star above a blue circle" -n 8 --seed 3 -o /tmp/n8.png | tail -n 1 \
     | python3 -c 'import json,sys; j=json.load(sys.stdin); print(json.dumps({k: j[k] for k in ("decode_secs", "prefill_secs", "total_secs", "tokens_per_sec")}))')
   record "{\"check\": \"shipped_n8\", \"variant\": \"$v\", \"json\": ${j:-null}}"
 done
 
-echo "=== shipped model: judge, $LIMIT per category, fused $(date +%T)"
-j=$(timeout 150 "$T" eval --bench eval/bench.jsonl --model default --device $DEV --limit $LIMIT --batch-size 50 --json -q)
-record "{\"check\": \"shipped_eval\", \"variant\": \"fused\", \"limit\": $LIMIT, \"seed\": 0, \"report\": ${j:-null}}"
+if [ "$LIMIT" != 0 ]; then
+  echo "=== shipped model: judge, $LIMIT per category, $B $(date +%T)"
+  j=$(env $(variant "$B") timeout 150 "$T" eval --bench eval/bench.jsonl --model default --device $DEV --limit $LIMIT --batch-size 50 --json -q)
+  record "{\"check\": \"shipped_eval\", \"variant\": \"$B\", \"limit\": $LIMIT, \"seed\": 0, \"report\": ${j:-null}}"
+fi
 
 if [ "${EMU3:-1}" = 1 ]; then
   echo "=== Emu3-Gen shape: random bf16 weights $(date +%T)"
   [ -f /tmp/emu3gen/config.json ] || timeout 150 python3 scripts/make_random_model.py --preset emu3-gen --out /tmp/emu3gen --device cuda --seed 0
-  for v in base events fused fused events base; do
+  for v in $A $B $B $A; do
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/mem.log &
     mp=$!
     gen $v "a red cat sits on a mat." --negative "$NEG" --model /tmp/emu3gen --dtype bf16 --size 256x256 --cfg 3 \
@@ -80,11 +96,44 @@ print(json.dumps({"check": "emu3gen", "variant": v, "decode_s": j["decode_secs"]
                   "codes_head": j["codes"][:8]}))
 PY
   done
-  python3 - <<'PY' | tee -a "$R"
-import json
-c = {v: json.load(open(f"/tmp/e-{v}.json"))["codes"] for v in ("base", "events", "fused")}
-print(json.dumps({"check": "emu3gen_agreement", "fused_vs_base": sum(a == b for a, b in zip(c["fused"], c["base"])),
-                  "events_vs_base": sum(a == b for a, b in zip(c["events"], c["base"])), "of": len(c["base"])}))
+  python3 - "$A" "$B" <<'PY' | tee -a "$R"
+import json, sys
+a, b = sys.argv[1:3]
+c = {v: json.load(open(f"/tmp/e-{v}.json"))["codes"] for v in (a, b)}
+print(json.dumps({"check": "emu3gen_agreement", "variant": b, "against": a,
+                  "agree": sum(x == y for x, y in zip(c[a], c[b])), "of": len(c[a])}))
 PY
+  if [ "${NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
+    # 16x16 tokens (272 steps); skip the load, the prefill and the first steps, then profile
+    # ~3 steps' kernels. ncu times each kernel alone (serialised), so their sum is the GPU's
+    # busy time of those steps, to set against the wall time per step measured above.
+    for v in $A $B; do
+      echo "=== ncu: $v $(date +%T)"
+      env $(variant "$v") timeout 280 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        --launch-skip ${NCU_SKIP:-6000} --launch-count ${NCU_COUNT:-1000} \
+        "$T" gen "a red cat sits on a mat." --model /tmp/emu3gen --dtype bf16 --size 128x128 --cfg 3 \
+        --temperature 0 --seed 1 --device cuda -q -o /tmp/p.png > "$OUT/ncu-$v.csv" 2> /tmp/ncu-$v.err
+      tail -n 3 /tmp/ncu-$v.err
+      python3 - "$OUT/ncu-$v.csv" "$v" <<'PY' | tee -a "$R"
+import csv, io, json, sys, collections
+path, v = sys.argv[1:3]
+text = open(path).read()
+rows = list(csv.DictReader(io.StringIO(text[text.find('"ID"'):])))
+by = collections.defaultdict(lambda: [0, 0.0])
+total = 0.0
+for r in rows:
+    if r.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    t = float(r["Metric Value"].replace(",", "")) * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(r["Metric Unit"], 1.0)
+    name = r["Kernel Name"].split("(")[0][:60]
+    by[name][0] += 1
+    by[name][1] += t
+    total += t
+top = sorted(by.items(), key=lambda kv: -kv[1][1])[:14]
+print(json.dumps({"check": "ncu", "variant": v, "kernels": sum(c for c, _ in by.values()), "gpu_us": round(total, 1),
+                  "top": [[n, c, round(t, 1)] for n, (c, t) in top]}))
+PY
+    done
+  fi
 fi
 echo "done $(date +%T)"

@@ -1,13 +1,17 @@
 //! The fused CUDA path of a decode step (one new token per row), kernels in `decode_kernels.cu`:
 //! per layer, one launch rotates the new queries and keys and writes the keys and values into the
-//! cache, and one launch does the whole grouped-query attention of the new token. Together they
-//! replace about 14 small candle ops per layer; a decode step on a GPU is bound by the host
-//! issuing kernels, not by the GPU (BENCHMARKS.md, "CUDA").
+//! cache, one launch does the whole grouped-query attention of the new token, one computes
+//! SwiGLU's `silu(gate) * up`, and the four products run as a GEMV kernel (a few rows against a
+//! large weight: it streams each weight once at close to the memory's bandwidth), with the
+//! residual adds folded into the output and attention projections. Together they replace about
+//! 20 small candle ops and the cuBLAS calls per layer.
 //!
 //! Used when built with `cuda`, on a CUDA device, for f32/bf16/f16 weights, head dimensions of
-//! 32, 64 or 128 and caches short enough for the attention's shared memory; every other case
-//! takes the generic path in `attention.rs`. `TESSERA_CUDA_FUSED=0` turns it off (for before/after
-//! measurements in one binary).
+//! 32, 64 or 128 and caches short enough for the attention's shared memory (the GEMV: at most
+//! [`GEMV_MAX_ROWS`] rows); every other case takes the generic path in `attention.rs` and
+//! candle's matmul. `TESSERA_CUDA_FUSED=0` turns it all off, `TESSERA_CUDA_GEMV=0` the GEMV
+//! alone (for before/after measurements in one binary); `scripts/check_decode_kernels.py`
+//! checks each kernel against a float64 reference on a GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -74,6 +78,78 @@ pub fn attend(
     _head_dim: usize,
 ) -> Result<Tensor> {
     candle_core::bail!("the fused CUDA decode path needs a build with the `cuda` feature")
+}
+
+/// Most rows [`gemv`] takes (a decode step with guidance has two per image).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `x (.., k) . w (n, k)^T [+ residual (.., n)]` with the decode step's GEMV kernel, when `x`
+/// has at most [`GEMV_MAX_ROWS`] rows on a CUDA device and the kernel's layout needs hold
+/// (same dtype, contiguous, 16-byte aligned rows); `None` otherwise (the caller takes candle's
+/// matmul). `TESSERA_CUDA_GEMV=0` turns it off.
+pub fn gemv(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !(x.device().is_cuda() && cfg!(feature = "cuda") && enabled() && gemv_enabled()) {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let dtype = x.dtype();
+    let vec = 16 / dtype.size_in_bytes();
+    let aligned = |t: &Tensor| {
+        t.layout().contiguous_offsets().is_some_and(|(a, _)| (a * dtype.size_in_bytes()).is_multiple_of(16))
+    };
+    let fits = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && w.dtype() == dtype
+        && (1..=GEMV_MAX_ROWS).contains(&rows)
+        && x.dim(candle_core::D::Minus1)? == k
+        && k.is_multiple_of(vec)
+        && aligned(x)
+        && aligned(w)
+        && residual.is_none_or(|r| r.dtype() == dtype && r.elem_count() == rows * n && r.is_contiguous());
+    if !fits {
+        return Ok(None);
+    }
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    gemv_launch(x, w, residual, rows, n, k)?.reshape(out_dims).map(Some)
+}
+
+/// `silu(gate) * up` of the fused gate|up projection `(.., 2 inter)` in one kernel on a CUDA
+/// device; `None` elsewhere (or when the fused path is off).
+pub fn silu_mul(gu: &Tensor) -> Result<Option<Tensor>> {
+    if !(gu.device().is_cuda() && cfg!(feature = "cuda") && enabled())
+        || !matches!(gu.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        || !gu.is_contiguous()
+    {
+        return Ok(None);
+    }
+    silu_mul_launch(gu).map(Some)
+}
+
+fn gemv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_CUDA_GEMV").map(|v| v != "0").unwrap_or(true))
+}
+
+#[cfg(feature = "cuda")]
+fn gemv_launch(x: &Tensor, w: &Tensor, residual: Option<&Tensor>, rows: usize, n: usize, k: usize) -> Result<Tensor> {
+    let op = kernels::Gemv { residual: residual.cloned(), rows, n, k };
+    x.apply_op2_no_bwd(w, &op)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gemv_launch(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: usize, _: usize, _: usize) -> Result<Tensor> {
+    candle_core::bail!("the CUDA GEMV needs a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn silu_mul_launch(gu: &Tensor) -> Result<Tensor> {
+    gu.apply_op1_no_bwd(&kernels::SiluMul)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn silu_mul_launch(_: &Tensor) -> Result<Tensor> {
+    candle_core::bail!("the fused SwiGLU needs a build with the `cuda` feature")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -246,4 +322,117 @@ mod kernels {
     }
 
     cuda_op3!(Attention, "tessera-decode-attention");
+
+    /// `x (rows, k) . w (n, k)^T [+ residual]`: inputs x, w; output `(rows, n)`.
+    pub(super) struct Gemv {
+        pub residual: Option<Tensor>,
+        pub rows: usize,
+        pub n: usize,
+        pub k: usize,
+    }
+
+    const GEMV_WARPS: usize = 4; // GEMV_WARPS in the kernel: output features per block
+
+    impl Gemv {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(
+            &self,
+            x: (&CudaStorage, &Layout),
+            w: (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let (rows, n, k) = (self.rows, self.n, self.k);
+            let dev = x.0.device().clone();
+            let x_v = view::<T>(x.0, x.1, "gemv input")?;
+            let w_v = view::<T>(w.0, w.1, "gemv weight")?;
+            let held_res = self.residual.as_ref().map(held).transpose()?;
+            let res_v = match &held_res {
+                Some((s, l)) => Some(view::<T>(cuda(s), l, "residual")?),
+                None => None,
+            };
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(rows * n)? };
+            let func = dev.get_or_load_custom_func(&format!("gemv_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
+                block_dim: (32 * GEMV_WARPS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut builder = func.builder();
+            builder.arg(&x_v);
+            builder.arg(&w_v);
+            let null: u64 = 0;
+            match &res_v {
+                Some(r) => builder.arg(r),
+                None => builder.arg(&null),
+            };
+            builder.arg(&y);
+            candle_core::builder_arg!(builder, n as u32, k as u32);
+            // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
+            // `cuda_decode::gemv`.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, n))))
+        }
+    }
+
+    impl candle_core::CustomOp2 for Gemv {
+        fn name(&self) -> &'static str {
+            "tessera-gemv"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the GEMV kernel runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+            match s1.dtype() {
+                DType::F32 => self.launch::<f32>((s1, l1), (s2, l2)),
+                DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2)),
+                DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2)),
+                other => candle_core::bail!("gemv: unsupported dtype {other:?}"),
+            }
+        }
+    }
+
+    /// `silu(gate) * up` of `(.., 2 inter)`; output `(.., inter)`.
+    pub(super) struct SiluMul;
+
+    impl SiluMul {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(&self, gu: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dims = l.shape().dims();
+            let inter = dims[dims.len() - 1] / 2;
+            let rows = l.shape().elem_count() / (2 * inter).max(1);
+            let dev = gu.device().clone();
+            let gu_v = view::<T>(gu, l, "gate|up")?;
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<T>(rows * inter)? };
+            let func = dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let mut builder = func.builder();
+            builder.arg(&gu_v);
+            builder.arg(&out);
+            candle_core::builder_arg!(builder, rows as u32, inter as u32);
+            // SAFETY: arguments match the kernel's signature.
+            unsafe { builder.launch(LaunchConfig::for_num_elems((rows * inter) as u32)) }.w()?;
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("rank >= 1") = inter;
+            Ok((T::wrap_cuda_slice(out, dev), Shape::from(out_dims)))
+        }
+    }
+
+    impl candle_core::CustomOp1 for SiluMul {
+        fn name(&self) -> &'static str {
+            "tessera-silu-mul"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused SwiGLU runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            match s.dtype() {
+                DType::F32 => self.launch::<f32>(s, l),
+                DType::BF16 => self.launch::<half::bf16>(s, l),
+                DType::F16 => self.launch::<half::f16>(s, l),
+                other => candle_core::bail!("silu_mul: unsupported dtype {other:?}"),
+            }
+        }
+    }
 }

@@ -8,9 +8,15 @@
 //   left-padding masks and the softmax in f32 (replaces matmul, scale, mask, 2 casts, softmax,
 //   matmul and the output transpose per layer).
 //
+// gemv: the linear layers of a decode step (a few rows against a large weight), with the
+//   residual add optionally folded into the output (replaces cuBLAS's GEMM and candle's add).
+// silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
+//   strided SiLU and a multiply).
+//
 // Rounding follows the unfused candle path step by step, so bf16/f16 results stay within a
 // rounding of it: scores are rounded to T after the dot product and after the scale, the
-// probabilities are rounded to T before the weighted sum, and the output is rounded once.
+// probabilities are rounded to T before the weighted sum, and the output is rounded once;
+// a product is rounded to T before its residual add, as storing it would.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -111,18 +117,21 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
   for (uint32_t d = threadIdx.x; d < hd; d += ATT_THREADS) qs[d] = tof(q[((size_t)row * h + head) * hd + d]);
   __syncthreads();
 
-  // Scores: one key per thread at a time.
+  // Scores: one key per warp at a time, its lanes reading consecutive elements (coalesced).
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const uint32_t per_lane = hd / 32;  // 1, 2 or 4
   float mx = -INFINITY;
-  for (uint32_t j = threadIdx.x; j < kv_len; j += ATT_THREADS) {
+  for (uint32_t j = warp; j < kv_len; j += ATT_WARPS) {
     float s = -INFINITY;
     if (j >= first) {
-      const T *kj = keys + (size_t)j * hd;
+      const T *kj = keys + (size_t)j * hd + lane * per_lane;
       float dot = 0.f;
-#pragma unroll 8
-      for (uint32_t d = 0; d < hd; ++d) dot += qs[d] * tof(kj[d]);
-      s = round_t<T>(round_t<T>(dot) * scale);
+#pragma unroll
+      for (int e = 0; e < MAX_HD / 32; ++e)
+        if (e < per_lane) dot += qs[lane * per_lane + e] * tof(kj[e]);
+      s = round_t<T>(round_t<T>(warp_sum(dot)) * scale);
     }
-    p[j] = s;
+    if (lane == 0) p[j] = s;
     mx = fmaxf(mx, s);
   }
   mx = block_reduce<true>(mx, red);
@@ -138,8 +147,6 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
   __syncthreads();
 
   // Weighted sum of the values: warps split the keys, lanes split the head dimension.
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const uint32_t per_lane = hd / 32;  // 1, 2 or 4
   float acc[MAX_HD / 32] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
   for (uint32_t j = warp; j < kv_len; j += ATT_WARPS) {
@@ -160,6 +167,121 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
   }
 }
 
+// --- gemv -------------------------------------------------------------------------------------
+// y (M, n) = x (M, k) . w (n, k)^T [+ res (M, n)], for a handful of rows M. A decode step's
+// products read each weight once and do M multiply-adds with it, so they are bound by the
+// weights' bytes: one warp streams one weight row with 16-byte loads, GEMV_UNROLL of them in
+// flight per lane, and keeps M sums; the weight loads bypass L1 so that x stays there. Sums are
+// in f32 and rounded to T once (then the residual add, rounded again), as cuBLAS's GEMM with an
+// f32 compute type and candle's add would. Needs k a multiple of 16 / sizeof(T) and 16-byte
+// aligned x and w (checked on the host).
+#define GEMV_WARPS 4
+#define GEMV_UNROLL 4
+
+__device__ __forceinline__ uint4 load_stream(const uint4 *p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// acc += dot of the 16 bytes of weights and of inputs.
+__device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, float) {
+  acc = fmaf(__uint_as_float(w.x), __uint_as_float(x.x), acc);
+  acc = fmaf(__uint_as_float(w.y), __uint_as_float(x.y), acc);
+  acc = fmaf(__uint_as_float(w.z), __uint_as_float(x.z), acc);
+  return fmaf(__uint_as_float(w.w), __uint_as_float(x.w), acc);
+}
+__device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+__device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, __nv_bfloat16) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w}, xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc = fmaf(bf16_lo(ws[i]), bf16_lo(xs[i]), acc);
+    acc = fmaf(bf16_hi(ws[i]), bf16_hi(xs[i]), acc);
+  }
+  return acc;
+}
+__device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, __half) {
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w}, xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&ws[i]));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&xs[i]));
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+  }
+  return acc;
+}
+
+template <typename T, int M>
+__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ res, T *__restrict__ y,
+                     uint32_t n, uint32_t k) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
+  if (row >= n) return;
+  const uint32_t vecs = k / (16 / sizeof(T));  // 16-byte vectors per row
+  const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * k);
+  const uint4 *xr = reinterpret_cast<const uint4 *>(x);
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  uint32_t i = lane;
+  for (; i + 32 * (GEMV_UNROLL - 1) < vecs; i += 32 * GEMV_UNROLL) {
+    uint4 wv[GEMV_UNROLL];
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = load_stream(wr + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u)
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv[u], __ldg(xr + (size_t)m * vecs + i + 32 * u), T());
+  }
+  for (; i < vecs; i += 32) {
+    const uint4 wv = load_stream(wr + i);
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv, __ldg(xr + (size_t)m * vecs + i), T());
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const size_t o = (size_t)m * n + row;
+      const float v = res ? tof(res[o]) + round_t<T>(acc[m]) : acc[m];
+      y[o] = fromf<T>(v);
+    }
+  }
+}
+
+// gu: (rows, 2 * inter), gate then up; out: (rows, inter) = silu(gate) * up, with silu's
+// output rounded to T as storing it would.
+template <typename T>
+__device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= rows * inter) return;
+  const uint32_t r = idx / inter, c = idx % inter;
+  const float g = tof(gu[(size_t)r * 2 * inter + c]);
+  const float u = tof(gu[(size_t)r * 2 * inter + inter + c]);
+  out[idx] = fromf<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+}
+
+#define GEMV_OP(T, SUFFIX, M)                                                                                   \
+  extern "C" __global__ void gemv_##SUFFIX##_##M(const T *x, const T *w, const T *res, T *y, uint32_t n,       \
+                                                 uint32_t k) {                                                 \
+    gemv<T, M>(x, w, res, y, n, k);                                                                            \
+  }
+#define GEMV_OPS(T, SUFFIX) \
+  GEMV_OP(T, SUFFIX, 1)     \
+  GEMV_OP(T, SUFFIX, 2)     \
+  GEMV_OP(T, SUFFIX, 3)     \
+  GEMV_OP(T, SUFFIX, 4)     \
+  GEMV_OP(T, SUFFIX, 5)     \
+  GEMV_OP(T, SUFFIX, 6)     \
+  GEMV_OP(T, SUFFIX, 7)     \
+  GEMV_OP(T, SUFFIX, 8)
+
 #define DECODE_OPS(T, SUFFIX)                                                                                  \
   extern "C" __global__ void rope_append_##SUFFIX(const T *qkv, const T *cos, const T *sin, T *q_out,          \
                                                   T *k_cache, T *v_cache, uint32_t b, uint32_t h, uint32_t kvh, \
@@ -171,7 +293,11 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
                                                        uint32_t hd, uint32_t max_len, uint32_t kv_len,         \
                                                        float scale) {                                          \
     decode_attention<T>(q, k_cache, v_cache, pad, out, h, kvh, hd, max_len, kv_len, scale);                    \
-  }
+  }                                                                                                            \
+  extern "C" __global__ void silu_mul_##SUFFIX(const T *gu, T *out, uint32_t rows, uint32_t inter) {           \
+    silu_mul<T>(gu, out, rows, inter);                                                                         \
+  }                                                                                                            \
+  GEMV_OPS(T, SUFFIX)
 
 DECODE_OPS(float, f32)
 DECODE_OPS(__nv_bfloat16, bf16)

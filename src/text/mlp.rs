@@ -33,10 +33,16 @@ impl Mlp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `residual + mlp(x)`.
+    pub fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up_proj.forward(x)?;
-        let g = gu.narrow(D::Minus1, 0, self.intermediate)?.silu()?;
-        let u = gu.narrow(D::Minus1, self.intermediate, self.intermediate)?;
-        self.down_proj.forward(&g.mul(&u)?)
+        let h = match super::cuda_decode::silu_mul(&gu)? {
+            Some(h) => h,
+            None => {
+                let g = gu.narrow(D::Minus1, 0, self.intermediate)?.silu()?;
+                g.mul(&gu.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
+            }
+        };
+        self.down_proj.forward_add(&h, residual)
     }
 }

@@ -126,10 +126,8 @@ impl Emu3TextModel {
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(&h, &cos, &sin, &step, cache.layer_mut(i))?;
-            x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = layer.self_attn.forward(&h, &cos, &sin, &step, cache.layer_mut(i), &x)?;
+            x = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?, &x)?;
         }
         cache.advance(t);
         self.norm.forward(&x)

@@ -1,0 +1,239 @@
+"""Check and time the decode-step CUDA kernels (src/text/decode_kernels.cu) on a GPU.
+
+Correctness: every kernel against a float64 reference on fresh random inputs, outputs poisoned
+with NaN before each launch (so an unwritten element fails), as ||out - ref|| / ||ref||.
+Speed: each kernel at the Emu3-Gen shapes (bf16, two rows: one image with guidance) against
+PyTorch's own op on the same inputs (cuBLAS for the products), timed with CUDA events over
+launches that cycle through enough copies of the weights to overflow the L2 cache, as a decode
+step does; and the device-to-device copy bandwidth the decode floor is measured against.
+
+    python3 scripts/check_decode_kernels.py [--out results.jsonl]
+
+Needs torch and cupy with a CUDA GPU, and nvcc (the PTX is built with build.rs's flags).
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import cupy
+import numpy as np
+import torch
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "text", "decode_kernels.cu")
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# ||out - ref|| / ||ref|| allowed: f32 sums; one bf16/f16 rounding of the output (and of inputs
+# the kernels round as the unfused path does).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+GEMV_WARPS = 4
+ATT_THREADS = 1024
+L2_FLUSH_BYTES = 512 << 20
+RESULTS = []
+
+
+def record(**kv):
+    RESULTS.append(kv)
+    print(json.dumps(kv), flush=True)
+
+
+def build(cap):
+    ptx = os.path.join(tempfile.mkdtemp(), "decode_kernels.ptx")
+    subprocess.run(["nvcc", "-ptx", "-O3", "-std=c++17", f"-arch=compute_{cap}", SRC, "-o", ptx], check=True)
+    return cupy.RawModule(path=ptx)
+
+
+def ptr(t):
+    return np.uint64(t.data_ptr())
+
+
+def rel_err(out, ref):
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+# --- launches, as src/text/cuda_decode.rs does them ------------------------------------------
+
+def gemv(mod, x, w, res=None, y=None):
+    rows, k = x.shape
+    n = w.shape[0]
+    y = torch.full((rows, n), float("nan"), dtype=x.dtype, device=x.device) if y is None else y
+    f = mod.get_function(f"gemv_{SUFFIX[x.dtype]}_{rows}")
+    f(((n + GEMV_WARPS - 1) // GEMV_WARPS,), (32 * GEMV_WARPS,),
+      (ptr(x), ptr(w), ptr(res) if res is not None else np.uint64(0), ptr(y), np.uint32(n), np.uint32(k)))
+    return y
+
+
+def silu_mul(mod, gu, out=None):
+    rows, two_i = gu.shape
+    inter = two_i // 2
+    out = torch.full((rows, inter), float("nan"), dtype=gu.dtype, device=gu.device) if out is None else out
+    n = rows * inter
+    mod.get_function(f"silu_mul_{SUFFIX[gu.dtype]}")(((n + 1023) // 1024,), (1024,),
+                                                       (ptr(gu), ptr(out), np.uint32(rows), np.uint32(inter)))
+    return out
+
+
+def attention(mod, q, kc, vc, pad, kv_len, out=None):
+    b, h, hd = q.shape
+    kvh, max_len = kc.shape[1], kc.shape[2]
+    out = torch.full_like(q, float("nan")) if out is None else out
+    scale = float(torch.tensor(hd ** -0.5, dtype=q.dtype))
+    shared = (kv_len + 33 * hd + 32) * 4
+    mod.get_function(f"decode_attention_{SUFFIX[q.dtype]}")(
+        (b * h,), (ATT_THREADS,),
+        (ptr(q), ptr(kc), ptr(vc), ptr(pad), ptr(out), np.uint32(h), np.uint32(kvh), np.uint32(hd),
+         np.uint32(max_len), np.uint32(kv_len), np.float32(scale)), shared_mem=shared)
+    return out
+
+
+def attention_ref(q, kc, vc, pad, kv_len):
+    b, h, hd = q.shape
+    kvh = kc.shape[1]
+    k = kc[:, :, :kv_len].double().repeat_interleave(h // kvh, dim=1)
+    v = vc[:, :, :kv_len].double().repeat_interleave(h // kvh, dim=1)
+    s = torch.einsum("bhd,bhjd->bhj", q.double(), k) * hd ** -0.5
+    j = torch.arange(kv_len, device=q.device)
+    s = s.masked_fill(j[None, None, :] < pad.long()[:, None, None], float("-inf"))
+    return torch.einsum("bhj,bhjd->bhd", s.softmax(-1), v)
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+def check(mod, g):
+    dev = "cuda"
+    ok = True
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        # n not a multiple of the block's rows; k's vectors not a multiple of 32 x unroll.
+        for rows in (1, 2, 3, 8):
+            for n, k in ((1001, 4104), (64, 136)):
+                x = torch.randn(rows, k, generator=g, device=dev).to(dt)
+                w = (torch.randn(n, k, generator=g, device=dev) * k ** -0.5).to(dt)
+                r = torch.randn(rows, n, generator=g, device=dev).to(dt)
+                ref = x.double() @ w.double().T
+                e = rel_err(gemv(mod, x, w), ref)
+                # With the residual: the product rounded to the dtype, then added (as stored).
+                ref_r = r.double() + (x.double() @ w.double().T).to(dt).double()
+                e_r = rel_err(gemv(mod, x, w, r), ref_r)
+                e_torch = rel_err(x @ w.T, ref)
+                good = e < TOL[dt] and e_r < TOL[dt]
+                ok &= good
+                record(check="gemv", dtype=SUFFIX[dt], rows=rows, n=n, k=k, rel_err=e, rel_err_residual=e_r,
+                       torch_rel_err=e_torch, ok=good)
+        for rows, inter in ((2, 14336), (3, 1000)):
+            gu = torch.randn(rows, 2 * inter, generator=g, device=dev).to(dt) * 3
+            gd, ud = gu.double()[:, :inter], gu.double()[:, inter:]
+            ref = torch.nn.functional.silu(gd) * ud
+            e = rel_err(silu_mul(mod, gu), ref)
+            good = e < TOL[dt]
+            ok &= good
+            record(check="silu_mul", dtype=SUFFIX[dt], rows=rows, inter=inter, rel_err=e, ok=good)
+        for hd, h, kvh, kv_len in ((128, 32, 8, 600), (64, 8, 2, 1100), (32, 4, 4, 37)):
+            b, max_len = 2, kv_len + 100
+            q = torch.randn(b, h, hd, generator=g, device=dev).to(dt)
+            kc = torch.randn(b, kvh, max_len, hd, generator=g, device=dev).to(dt)
+            vc = torch.randn(b, kvh, max_len, hd, generator=g, device=dev).to(dt)
+            kc[:, :, kv_len:] = float("nan")  # past the cache's length: never read
+            vc[:, :, kv_len:] = float("nan")
+            pad = torch.tensor([0, min(17, kv_len - 1)], dtype=torch.int32, device=dev)
+            ref = attention_ref(q, kc, vc, pad, kv_len)
+            e = rel_err(attention(mod, q, kc, vc, pad, kv_len), ref)
+            good = e < TOL[dt]
+            ok &= good
+            record(check="attention", dtype=SUFFIX[dt], hd=hd, heads=h, kv_heads=kvh, kv_len=kv_len, rel_err=e, ok=good)
+    return ok
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+def timed(fn, reps):
+    """Median microseconds of one call over `reps` calls (3 rounds), after a warm-up."""
+    for i in range(5):
+        fn(i)
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(reps):
+            fn(i)
+        b.record()
+        torch.cuda.synchronize()
+        rounds.append(a.elapsed_time(b) * 1e3 / reps)
+    return sorted(rounds)[1]
+
+
+def bench(mod, g, reps):
+    dev, dt = "cuda", torch.bfloat16
+    # Emu3-Gen (8.49B): hidden 4096, 32 heads / 8 kv heads of 128, intermediate 14336, 32
+    # layers; the head restricted to the 32,768 visual tokens.
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+              "head": (32768, 4096)}
+    per_layer = {}
+    for name, (n, k) in shapes.items():
+        copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))
+        ws = [(torch.randn(n, k, generator=g, device=dev) * 0.02).to(dt) for _ in range(copies)]
+        x = torch.randn(2, k, generator=g, device=dev).to(dt)
+        y = torch.empty(2, n, dtype=dt, device=dev)
+        t_k = timed(lambda i: gemv(mod, x, ws[i % copies], y=y), reps)
+        t_t = timed(lambda i: torch.matmul(x, ws[i % copies].T, out=y), reps)
+        gb = n * k * 2 / 1e9
+        per_layer[name] = (t_k, t_t)
+        record(bench="gemv", shape=name, n=n, k=k, rows=2, kernel_us=t_k, cublas_us=t_t,
+               kernel_tb_s=gb / t_k * 1e3, cublas_tb_s=gb / t_t * 1e3)
+        del ws
+    gu = torch.randn(2, 2 * 14336, generator=g, device=dev).to(dt)
+    out = torch.empty(2, 14336, dtype=dt, device=dev)
+    t_k = timed(lambda i: silu_mul(mod, gu, out), reps)
+    t_t = timed(lambda i: torch.mul(torch.nn.functional.silu(gu[:, :14336]), gu[:, 14336:], out=out), reps)
+    per_layer["silu_mul"] = (t_k, t_t)
+    record(bench="silu_mul", rows=2, inter=14336, kernel_us=t_k, torch_us=t_t)
+    for kv_len in (300, 600, 1100):
+        b, h, kvh, hd, max_len = 2, 32, 8, 128, 1200
+        kcs = [torch.randn(b, kvh, max_len, hd, generator=g, device=dev).to(dt) for _ in range(8)]
+        q = torch.randn(b, h, hd, generator=g, device=dev).to(dt)
+        pad = torch.tensor([0, 5], dtype=torch.int32, device=dev)
+        o = torch.empty_like(q)
+        t_k = timed(lambda i: attention(mod, q, kcs[i % 8], kcs[(i + 1) % 8], pad, kv_len, o), reps)
+        kv_bytes = 2 * b * kvh * kv_len * hd * 2
+        record(bench="attention", kv_len=kv_len, kernel_us=t_k, kv_mb=kv_bytes / 1e6,
+               kernel_tb_s=kv_bytes / t_k / 1e6)
+        if kv_len == 600:
+            per_layer["attention"] = (t_k, None)
+    # Copy bandwidth, counting bytes read and written (the decode floor's denominator).
+    src = torch.empty(1 << 31, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t = timed(lambda i: dst.copy_(src), 20)
+    record(bench="copy", bytes=2 * src.numel(), tb_s=2 * src.numel() / t / 1e6)
+    layers = 32
+    gemv_step = layers * sum(per_layer[s][0] for s in ("qkv", "o", "gate_up", "down")) + per_layer["head"][0]
+    cublas_step = layers * sum(per_layer[s][1] for s in ("qkv", "o", "gate_up", "down")) + per_layer["head"][1]
+    record(bench="step_products", layers=layers, kernel_ms=gemv_step / 1e3, cublas_ms=cublas_step / 1e3,
+           attention_ms=layers * per_layer["attention"][0] / 1e3, silu_mul_ms=layers * per_layer["silu_mul"][0] / 1e3)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="also write the JSON lines here")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--no-bench", action="store_true")
+    args = ap.parse_args()
+    cap = "".join(map(str, torch.cuda.get_device_capability()))
+    mod = build(cap)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ok = check(mod, g)
+    if not args.no_bench:
+        bench(mod, g, args.reps)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in RESULTS)
+    print("all checks passed" if ok else "CHECKS FAILED", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
