@@ -3,14 +3,16 @@
 # (environment of the same binary):
 #   base:   TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1   (run 4's path: candle ops, cuBLAS)
 #   events: TESSERA_CUDA_FUSED=0                          (cudarc's event tracking off only)
-#   cublas: TESSERA_CUDA_GEMV=0                           (fused attention + SwiGLU, cuBLAS products)
-#   fused:  defaults                                      (everything: + the GEMV kernel)
+#   cublas: TESSERA_CUDA_GEMV_MAX=0                       (the fused kernels, every product by cuBLAS)
+#   fused:  defaults                                      (+ the GEMV kernel for weights up to 4096^2)
+#   gemv:   TESSERA_CUDA_GEMV_MAX=1000000000000           (the GEMV kernel for every product)
 # A and B name the two variants compared (default A=cublas B=fused).
-# Steps: KERNELS=1 checks and times the kernels alone (scripts/check_decode_kernels.py); the
-# shipped model's greedy codes on B against transformers' (f32) and A's (bf16/f16); the judge on a
-# bench sample with B (padded batches); the Emu3-Gen shape's step time (EMU3=1, both variants
-# alternated); NCU=1 profiles a few Emu3-Gen decode steps of each variant with ncu (GPU time per
-# kernel against the wall time of a step).
+# Steps, most telling first: KERNELS=1 checks and times the kernels alone
+# (scripts/check_decode_kernels.py); the shipped model's greedy codes on B against transformers'
+# (f32) and A's (bf16/f16); the Emu3-Gen shape's step time (EMU3=1; the variants of EMU3_ORDER,
+# default "A B B A"); NCU=1 profiles a few Emu3-Gen decode steps of A and B with ncu (GPU time per
+# kernel against the wall time of a step); the judge on a bench sample with B (LIMIT per
+# category, padded batches; LIMIT=0 skips it); N8=1 the shipped model's -n 8 decode time.
 # Needs the CUDA build, xz-compressed, at .cuda/tessera-cuda.xz (carried; see cuda_check.sh).
 # Usage on the device machine: bash scripts/cuda_fused.sh   (results in $OUT/fused.jsonl)
 set -u
@@ -30,8 +32,9 @@ variant() {  # name -> environment
   case $1 in
     base) echo "TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1" ;;
     events) echo "TESSERA_CUDA_FUSED=0" ;;
-    cublas) echo "TESSERA_CUDA_GEMV=0" ;;
+    cublas) echo "TESSERA_CUDA_GEMV_MAX=0" ;;
     fused) echo "TESSERA_CUDA_FUSED=1" ;;
+    gemv) echo "TESSERA_CUDA_GEMV_MAX=1000000000000" ;;
   esac
 }
 gen() {  # variant, then gen arguments; prints the JSON
@@ -65,23 +68,10 @@ print(json.dumps({"check": "shipped_greedy", "dtype": dt, "variant": b, "against
 PY
 done
 
-echo "=== shipped model: -n 8 sampled, decode time $(date +%T)"
-for v in $A $B $A $B; do
-  j=$(gen $v "a red star above a blue circle" -n 8 --seed 3 -o /tmp/n8.png | tail -n 1 \
-    | python3 -c 'import json,sys; j=json.load(sys.stdin); print(json.dumps({k: j[k] for k in ("decode_secs", "prefill_secs", "total_secs", "tokens_per_sec")}))')
-  record "{\"check\": \"shipped_n8\", \"variant\": \"$v\", \"json\": ${j:-null}}"
-done
-
-if [ "$LIMIT" != 0 ]; then
-  echo "=== shipped model: judge, $LIMIT per category, $B $(date +%T)"
-  j=$(env $(variant "$B") timeout 150 "$T" eval --bench eval/bench.jsonl --model default --device $DEV --limit $LIMIT --batch-size 50 --json -q)
-  record "{\"check\": \"shipped_eval\", \"variant\": \"$B\", \"limit\": $LIMIT, \"seed\": 0, \"report\": ${j:-null}}"
-fi
-
 if [ "${EMU3:-1}" = 1 ]; then
   echo "=== Emu3-Gen shape: random bf16 weights $(date +%T)"
   [ -f /tmp/emu3gen/config.json ] || timeout 150 python3 scripts/make_random_model.py --preset emu3-gen --out /tmp/emu3gen --device cuda --seed 0
-  for v in $A $B $B $A; do
+  for v in ${EMU3_ORDER:-$A $B $B $A}; do
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/mem.log &
     mp=$!
     gen $v "a red cat sits on a mat." --negative "$NEG" --model /tmp/emu3gen --dtype bf16 --size 256x256 --cfg 3 \
@@ -98,7 +88,7 @@ PY
   done
   python3 - "$A" "$B" <<'PY' | tee -a "$R"
 import json, sys
-a, b = sys.argv[1:3]
+a, b = sys.argv[1:3]  # the last run of each
 c = {v: json.load(open(f"/tmp/e-{v}.json"))["codes"] for v in (a, b)}
 print(json.dumps({"check": "emu3gen_agreement", "variant": b, "against": a,
                   "agree": sum(x == y for x, y in zip(c[a], c[b])), "of": len(c[a])}))
@@ -124,7 +114,8 @@ total = 0.0
 for r in rows:
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
-    t = float(r["Metric Value"].replace(",", "")) * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(r["Metric Unit"], 1.0)
+    unit = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
+    t = float(r["Metric Value"].replace(",", "")) * unit
     name = r["Kernel Name"].split("(")[0][:60]
     by[name][0] += 1
     by[name][1] += t
@@ -136,4 +127,19 @@ PY
     done
   fi
 fi
+if [ "${N8:-1}" = 1 ]; then
+  echo "=== shipped model: -n 8 sampled, decode time $(date +%T)"
+  for v in $A $B $A $B; do
+    j=$(gen $v "a red star above a blue circle" -n 8 --seed 3 -o /tmp/n8.png | tail -n 1 \
+      | python3 -c 'import json,sys; j=json.load(sys.stdin); print(json.dumps({k: j[k] for k in ("decode_secs", "prefill_secs", "total_secs", "tokens_per_sec")}))')
+    record "{\"check\": \"shipped_n8\", \"variant\": \"$v\", \"json\": ${j:-null}}"
+  done
+fi
+
+if [ "$LIMIT" != 0 ]; then
+  echo "=== shipped model: judge, $LIMIT per category, $B $(date +%T)"
+  j=$(env $(variant "$B") timeout 150 "$T" eval --bench eval/bench.jsonl --model default --device $DEV --limit $LIMIT --batch-size 50 --json -q)
+  record "{\"check\": \"shipped_eval\", \"variant\": \"$B\", \"limit\": $LIMIT, \"seed\": 0, \"report\": ${j:-null}}"
+fi
+
 echo "done $(date +%T)"

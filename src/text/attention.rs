@@ -48,24 +48,16 @@ impl Attention {
         })
     }
 
-    /// `residual + attention(x)`: x `(b, t, d)`; cos/sin `(b, t, hd/2)`; `mask` `(b, 1, t, kv_len)`
-    /// additive, or, for the fused CUDA decode step (see `Step`), each row's padding.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        step: &Step,
-        cache: &mut LayerCache,
-        residual: &Tensor,
-    ) -> Result<Tensor> {
+    /// x `(b, t, d)`; cos/sin `(b, t, hd/2)`; `mask` `(b, 1, t, kv_len)` additive, or, for the
+    /// fused CUDA decode step (see `Step`), each row's padding.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, step: &Step, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x)?;
         let mask = match step {
             Step::Fused { pad } => {
                 let y = cuda_decode::attend(&qkv, cos, sin, pad, cache, h, kvh, hd)?;
-                return self.o_proj.forward_add(&y, residual);
+                return self.o_proj.forward(&y);
             }
             Step::Generic { mask } => mask.as_ref(),
         };
@@ -80,7 +72,7 @@ impl Attention {
         let n_rep = h / kvh;
         if t == 1
             && let Some(y) = single_query_cpu(&q, &k, &v, mask, n_rep)? {
-                return self.o_proj.forward_add(&y.reshape((b, 1, h * hd))?, residual);
+                return self.o_proj.forward(&y.reshape((b, 1, h * hd))?);
             }
         // GQA without copying the keys: query head `i` uses kv head `i / n_rep`, so the
         // (b, h, t, hd) queries are (b, kvh, n_rep * t, hd) in the same memory.
@@ -97,7 +89,7 @@ impl Attention {
         let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
         let y = att.matmul(&v)?; // (b, kvh, n_rep * t, hd)
         let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
-        self.o_proj.forward_add(&y, residual)
+        self.o_proj.forward(&y)
     }
 }
 

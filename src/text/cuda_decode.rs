@@ -1,17 +1,17 @@
-//! The fused CUDA path of a decode step (one new token per row), kernels in `decode_kernels.cu`:
-//! per layer, one launch rotates the new queries and keys and writes the keys and values into the
-//! cache, one launch does the whole grouped-query attention of the new token, one computes
-//! SwiGLU's `silu(gate) * up`, and the four products run as a GEMV kernel (a few rows against a
-//! large weight: it streams each weight once at close to the memory's bandwidth), with the
-//! residual adds folded into the output and attention projections. Together they replace about
-//! 20 small candle ops and the cuBLAS calls per layer.
+//! The fused CUDA path of a decode step (one new token per row), kernels in `decode_kernels.cu`.
+//! Per layer: one launch adds the previous block's output to the residual stream and applies the
+//! RMSNorm (twice per layer), one rotates the new queries and keys and writes the keys and values
+//! into the cache, one does the whole grouped-query attention of the new token, one computes
+//! SwiGLU's `silu(gate) * up`, and products with small enough weights run as a GEMV kernel (a
+//! few rows against a weight, in one launch where cuBLAS takes a split-K GEMM and a reduction).
+//! Together they replace about 20 small candle ops per layer.
 //!
 //! Used when built with `cuda`, on a CUDA device, for f32/bf16/f16 weights, head dimensions of
 //! 32, 64 or 128 and caches short enough for the attention's shared memory (the GEMV: at most
 //! [`GEMV_MAX_ROWS`] rows); every other case takes the generic path in `attention.rs` and
-//! candle's matmul. `TESSERA_CUDA_FUSED=0` turns it all off, `TESSERA_CUDA_GEMV=0` the GEMV
-//! alone (for before/after measurements in one binary); `scripts/check_decode_kernels.py`
-//! checks each kernel against a float64 reference on a GPU.
+//! candle's ops. `TESSERA_CUDA_FUSED=0` turns it all off and `TESSERA_CUDA_GEMV_MAX` sets the
+//! GEMV's largest weight (for before/after measurements in one binary);
+//! `scripts/check_decode_kernels.py` checks each kernel against a float64 reference on a GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -83,12 +83,17 @@ pub fn attend(
 /// Most rows [`gemv`] takes (a decode step with guidance has two per image).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// `x (.., k) . w (n, k)^T [+ residual (.., n)]` with the decode step's GEMV kernel, when `x`
-/// has at most [`GEMV_MAX_ROWS`] rows on a CUDA device and the kernel's layout needs hold
-/// (same dtype, contiguous, 16-byte aligned rows); `None` otherwise (the caller takes candle's
-/// matmul). `TESSERA_CUDA_GEMV=0` turns it off.
-pub fn gemv(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !(x.device().is_cuda() && cfg!(feature = "cuda") && enabled() && gemv_enabled()) {
+/// Largest weight, in elements, that [`gemv`] takes by default: on an H200 the kernel beats
+/// cuBLAS up to a 4096 x 4096 matrix (no split-K reduction, one launch) and trails it by
+/// 5-10% on larger ones (BENCHMARKS.md, "CUDA"). `TESSERA_CUDA_GEMV_MAX` overrides it (0: never).
+const GEMV_MAX_ELEMENTS: usize = 4096 * 4096;
+
+/// `x (.., k) . w (n, k)^T` with the decode step's GEMV kernel, when `x` has at most
+/// [`GEMV_MAX_ROWS`] rows on a CUDA device, the weight is no larger than the GEMV's limit and
+/// the kernel's layout needs hold (same dtype, contiguous, 16-byte aligned rows); `None`
+/// otherwise (the caller takes candle's matmul).
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !(x.device().is_cuda() && cfg!(feature = "cuda") && enabled()) {
         return Ok(None);
     }
     let (n, k) = w.dims2()?;
@@ -100,18 +105,18 @@ pub fn gemv(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<Option<
     };
     let fits = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
         && w.dtype() == dtype
+        && n * k <= gemv_max_elements()
         && (1..=GEMV_MAX_ROWS).contains(&rows)
         && x.dim(candle_core::D::Minus1)? == k
         && k.is_multiple_of(vec)
         && aligned(x)
-        && aligned(w)
-        && residual.is_none_or(|r| r.dtype() == dtype && r.elem_count() == rows * n && r.is_contiguous());
+        && aligned(w);
     if !fits {
         return Ok(None);
     }
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1") = n;
-    gemv_launch(x, w, residual, rows, n, k)?.reshape(out_dims).map(Some)
+    gemv_launch(x, w, rows, n, k)?.reshape(out_dims).map(Some)
 }
 
 /// `silu(gate) * up` of the fused gate|up projection `(.., 2 inter)` in one kernel on a CUDA
@@ -126,19 +131,38 @@ pub fn silu_mul(gu: &Tensor) -> Result<Option<Tensor>> {
     silu_mul_launch(gu).map(Some)
 }
 
-fn gemv_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TESSERA_CUDA_GEMV").map(|v| v != "0").unwrap_or(true))
+/// `(x + pending, rms_norm(x + pending))` (just the norm without `pending`) in one kernel on a
+/// CUDA device; `None` elsewhere (or when the fused path is off).
+pub fn add_rms_norm(x: &Tensor, pending: Option<&Tensor>, norm: &candle_nn::RmsNorm) -> Result<Option<(Tensor, Tensor)>> {
+    let dtype = x.dtype();
+    let ok = x.device().is_cuda()
+        && cfg!(feature = "cuda")
+        && enabled()
+        && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        && x.is_contiguous()
+        && norm.weight().dtype() == dtype
+        && norm.weight().is_contiguous()
+        && pending.is_none_or(|p| p.dtype() == dtype && p.is_contiguous() && p.dims() == x.dims());
+    if !ok {
+        return Ok(None);
+    }
+    add_rms_norm_launch(x, pending, norm).map(Some)
+}
+
+fn gemv_max_elements() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("TESSERA_CUDA_GEMV_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(GEMV_MAX_ELEMENTS)
+    })
 }
 
 #[cfg(feature = "cuda")]
-fn gemv_launch(x: &Tensor, w: &Tensor, residual: Option<&Tensor>, rows: usize, n: usize, k: usize) -> Result<Tensor> {
-    let op = kernels::Gemv { residual: residual.cloned(), rows, n, k };
-    x.apply_op2_no_bwd(w, &op)
+fn gemv_launch(x: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, n, k })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gemv_launch(_: &Tensor, _: &Tensor, _: Option<&Tensor>, _: usize, _: usize, _: usize) -> Result<Tensor> {
+fn gemv_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
     candle_core::bail!("the CUDA GEMV needs a build with the `cuda` feature")
 }
 
@@ -150,6 +174,22 @@ fn silu_mul_launch(gu: &Tensor) -> Result<Tensor> {
 #[cfg(not(feature = "cuda"))]
 fn silu_mul_launch(_: &Tensor) -> Result<Tensor> {
     candle_core::bail!("the fused SwiGLU needs a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn add_rms_norm_launch(x: &Tensor, pending: Option<&Tensor>, norm: &candle_nn::RmsNorm) -> Result<(Tensor, Tensor)> {
+    let op = kernels::AddRmsNorm { pending: pending.cloned(), eps: norm.eps() as f32 };
+    let out = x.apply_op2_no_bwd(norm.weight(), &op)?;
+    match pending {
+        // (2, ..): the sum, then the normed sum.
+        Some(_) => Ok((out.get(0)?, out.get(1)?)),
+        None => Ok((x.clone(), out)),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn add_rms_norm_launch(_: &Tensor, _: Option<&Tensor>, _: &candle_nn::RmsNorm) -> Result<(Tensor, Tensor)> {
+    candle_core::bail!("the fused add + RMSNorm needs a build with the `cuda` feature")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -323,15 +363,14 @@ mod kernels {
 
     cuda_op3!(Attention, "tessera-decode-attention");
 
-    /// `x (rows, k) . w (n, k)^T [+ residual]`: inputs x, w; output `(rows, n)`.
+    /// `x (rows, k) . w (n, k)^T`: inputs x, w; output `(rows, n)`.
     pub(super) struct Gemv {
-        pub residual: Option<Tensor>,
         pub rows: usize,
         pub n: usize,
         pub k: usize,
     }
 
-    const GEMV_WARPS: usize = 4; // GEMV_WARPS in the kernel: output features per block
+    const GEMV_THREADS: u32 = 128; // GEMV_THREADS in the kernel: one block per output feature
 
     impl Gemv {
         fn launch<T: CudaDType + DeviceRepr + WithDType>(
@@ -343,27 +382,13 @@ mod kernels {
             let dev = x.0.device().clone();
             let x_v = view::<T>(x.0, x.1, "gemv input")?;
             let w_v = view::<T>(w.0, w.1, "gemv weight")?;
-            let held_res = self.residual.as_ref().map(held).transpose()?;
-            let res_v = match &held_res {
-                Some((s, l)) => Some(view::<T>(cuda(s), l, "residual")?),
-                None => None,
-            };
             // SAFETY: every element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(rows * n)? };
             let func = dev.get_or_load_custom_func(&format!("gemv_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
-                block_dim: (32 * GEMV_WARPS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
             let mut builder = func.builder();
             builder.arg(&x_v);
             builder.arg(&w_v);
-            let null: u64 = 0;
-            match &res_v {
-                Some(r) => builder.arg(r),
-                None => builder.arg(&null),
-            };
             builder.arg(&y);
             candle_core::builder_arg!(builder, n as u32, k as u32);
             // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
@@ -432,6 +457,76 @@ mod kernels {
                 DType::BF16 => self.launch::<half::bf16>(s, l),
                 DType::F16 => self.launch::<half::f16>(s, l),
                 other => candle_core::bail!("silu_mul: unsupported dtype {other:?}"),
+            }
+        }
+    }
+
+    /// `x + pending` and its RMSNorm: inputs x, the norm's weight; output `(2, ..)` (the sum,
+    /// then the normed sum), or `(..)` (the norm of x) without `pending`.
+    pub(super) struct AddRmsNorm {
+        pub pending: Option<Tensor>,
+        pub eps: f32,
+    }
+
+    impl AddRmsNorm {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(
+            &self,
+            x: (&CudaStorage, &Layout),
+            w: (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let shape = x.1.shape().clone();
+            let d = *shape.dims().last().unwrap_or(&1);
+            let rows = shape.elem_count() / d.max(1);
+            let dev = x.0.device().clone();
+            let x_v = view::<T>(x.0, x.1, "residual stream")?;
+            let w_v = view::<T>(w.0, w.1, "norm weight")?;
+            let held_p = self.pending.as_ref().map(held).transpose()?;
+            let p_v = match &held_p {
+                Some((s, l)) => Some(view::<T>(cuda(s), l, "block output")?),
+                None => None,
+            };
+            let parts = if p_v.is_some() { 2 } else { 1 };
+            // SAFETY: every element is written by the kernel (the sum only with `pending`).
+            let out = unsafe { dev.alloc::<T>(parts * rows * d)? };
+            let func = dev.get_or_load_custom_func(&format!("add_rms_norm_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let threads = d.div_ceil(32).clamp(1, 32) as u32 * 32;
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let null: u64 = 0;
+            let (sum, normed) = (out.slice(0..rows * d), out.slice((parts - 1) * rows * d..parts * rows * d));
+            let mut builder = func.builder();
+            builder.arg(&x_v);
+            match &p_v {
+                Some(p) => builder.arg(p),
+                None => builder.arg(&null),
+            };
+            builder.arg(&w_v);
+            builder.arg(&sum);
+            builder.arg(&normed);
+            candle_core::builder_arg!(builder, d as u32, self.eps);
+            // SAFETY: arguments match the kernel's signature; shapes checked by
+            // `cuda_decode::add_rms_norm`.
+            unsafe { builder.launch(cfg) }.w()?;
+            drop((sum, normed));
+            let dims = if parts == 2 { [&[2], shape.dims()].concat() } else { shape.dims().to_vec() };
+            Ok((T::wrap_cuda_slice(out, dev), Shape::from(dims)))
+        }
+    }
+
+    impl candle_core::CustomOp2 for AddRmsNorm {
+        fn name(&self) -> &'static str {
+            "tessera-add-rms-norm"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused add + RMSNorm runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+            match s1.dtype() {
+                DType::F32 => self.launch::<f32>((s1, l1), (s2, l2)),
+                DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2)),
+                DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2)),
+                other => candle_core::bail!("add_rms_norm: unsupported dtype {other:?}"),
             }
         }
     }

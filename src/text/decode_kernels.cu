@@ -8,15 +8,15 @@
 //   left-padding masks and the softmax in f32 (replaces matmul, scale, mask, 2 casts, softmax,
 //   matmul and the output transpose per layer).
 //
-// gemv: the linear layers of a decode step (a few rows against a large weight), with the
-//   residual add optionally folded into the output (replaces cuBLAS's GEMM and candle's add).
+// gemv: the linear layers of a decode step (a few rows against a weight), in place of cuBLAS's
+//   GEMM (and its split-K reduction) where that is slower.
+// add_rms_norm: the residual add and the RMSNorm that follows it (replaces an add and a norm).
 // silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
 //   strided SiLU and a multiply).
 //
 // Rounding follows the unfused candle path step by step, so bf16/f16 results stay within a
 // rounding of it: scores are rounded to T after the dot product and after the scale, the
-// probabilities are rounded to T before the weighted sum, and the output is rounded once;
-// a product is rounded to T before its residual add, as storing it would.
+// probabilities are rounded to T before the weighted sum, and the output is rounded once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -168,14 +168,14 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
 }
 
 // --- gemv -------------------------------------------------------------------------------------
-// y (M, n) = x (M, k) . w (n, k)^T [+ res (M, n)], for a handful of rows M. A decode step's
-// products read each weight once and do M multiply-adds with it, so they are bound by the
-// weights' bytes: one warp streams one weight row with 16-byte loads, GEMV_UNROLL of them in
-// flight per lane, and keeps M sums; the weight loads bypass L1 so that x stays there. Sums are
-// in f32 and rounded to T once (then the residual add, rounded again), as cuBLAS's GEMM with an
-// f32 compute type and candle's add would. Needs k a multiple of 16 / sizeof(T) and 16-byte
-// aligned x and w (checked on the host).
-#define GEMV_WARPS 4
+// y (M, n) = x (M, k) . w (n, k)^T for a handful of rows M. A decode step's products read each
+// weight once and do M multiply-adds with it, so they are bound by the weights' bytes. One block
+// per output feature: its GEMV_THREADS threads stream the weight row with 16-byte loads
+// (GEMV_UNROLL in flight per thread, bypassing L1 so that x stays there), keep M sums each, and
+// reduce them in a fixed order. Small work units keep every multiprocessor busy to the end of
+// the launch. Sums are in f32 and rounded to T once, as cuBLAS's GEMM with an f32 compute type
+// does. Needs k a multiple of 16 / sizeof(T) and 16-byte aligned x and w (checked on the host).
+#define GEMV_THREADS 128
 #define GEMV_UNROLL 4
 
 __device__ __forceinline__ uint4 load_stream(const uint4 *p) {
@@ -186,7 +186,7 @@ __device__ __forceinline__ uint4 load_stream(const uint4 *p) {
   return v;
 }
 
-// acc += dot of the 16 bytes of weights and of inputs.
+// acc + the dot product of 16 bytes of weights and 16 bytes of inputs.
 __device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, float) {
   acc = fmaf(__uint_as_float(w.x), __uint_as_float(x.x), acc);
   acc = fmaf(__uint_as_float(w.y), __uint_as_float(x.y), acc);
@@ -217,41 +217,72 @@ __device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, __half) {
 }
 
 template <typename T, int M>
-__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ res, T *__restrict__ y,
-                     uint32_t n, uint32_t k) {
-  const uint32_t lane = threadIdx.x % 32;
-  const uint32_t row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
-  if (row >= n) return;
+__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, uint32_t n, uint32_t k) {
+  __shared__ float part[GEMV_THREADS / 32][M];
+  const uint32_t row = blockIdx.x;
   const uint32_t vecs = k / (16 / sizeof(T));  // 16-byte vectors per row
   const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * k);
   const uint4 *xr = reinterpret_cast<const uint4 *>(x);
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  uint32_t i = lane;
-  for (; i + 32 * (GEMV_UNROLL - 1) < vecs; i += 32 * GEMV_UNROLL) {
+  uint32_t i = threadIdx.x;
+  for (; i + GEMV_THREADS * (GEMV_UNROLL - 1) < vecs; i += GEMV_THREADS * GEMV_UNROLL) {
     uint4 wv[GEMV_UNROLL];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = load_stream(wr + i + 32 * u);
+    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = load_stream(wr + i + GEMV_THREADS * u);
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u)
 #pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv[u], __ldg(xr + (size_t)m * vecs + i + 32 * u), T());
+      for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv[u], __ldg(xr + (size_t)m * vecs + i + GEMV_THREADS * u), T());
   }
-  for (; i < vecs; i += 32) {
+  for (; i < vecs; i += GEMV_THREADS) {
     const uint4 wv = load_stream(wr + i);
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv, __ldg(xr + (size_t)m * vecs + i), T());
   }
+  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-  if (lane == 0) {
+  for (int m = 0; m < M; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) part[warp][m] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float v = 0.f;
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const size_t o = (size_t)m * n + row;
-      const float v = res ? tof(res[o]) + round_t<T>(acc[m]) : acc[m];
-      y[o] = fromf<T>(v);
+    for (int p = 0; p < GEMV_THREADS / 32; ++p) v += part[p][threadIdx.x];
+    y[(size_t)threadIdx.x * n + row] = fromf<T>(v);
+  }
+}
+
+// x, p: (rows, d); w: (d). s = x + p rounded to T (written to sum_out), then RMSNorm of s:
+// y = s * rsqrt(mean(s^2) + eps) * w in f32, rounded once (candle's rmsnorm kernel). With
+// p == nullptr, s = x and sum_out is not written. One block per row (blockDim a multiple of 32).
+template <typename T>
+__device__ void add_rms_norm(const T *x, const T *p, const T *w, T *sum_out, T *y, uint32_t d, float eps) {
+  __shared__ float red[32];
+  const size_t base = (size_t)blockIdx.x * d;
+  float ss = 0.f;
+  for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float v = tof(x[base + c]);
+    if (p) {
+      const T t = fromf<T>(v + tof(p[base + c]));
+      sum_out[base + c] = t;
+      v = tof(t);
     }
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) red[warp] = ss;
+  __syncthreads();
+  ss = lane < blockDim.x / 32 ? red[lane] : 0.f;
+  ss = warp_sum(ss);
+  const float scale = rsqrtf(ss / d + eps);
+  for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
+    const float v = p ? round_t<T>(tof(x[base + c]) + tof(p[base + c])) : tof(x[base + c]);
+    y[base + c] = fromf<T>(scale * v * tof(w[c]));
   }
 }
 
@@ -267,10 +298,9 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
   out[idx] = fromf<T>(round_t<T>(g / (1.f + expf(-g))) * u);
 }
 
-#define GEMV_OP(T, SUFFIX, M)                                                                                   \
-  extern "C" __global__ void gemv_##SUFFIX##_##M(const T *x, const T *w, const T *res, T *y, uint32_t n,       \
-                                                 uint32_t k) {                                                 \
-    gemv<T, M>(x, w, res, y, n, k);                                                                            \
+#define GEMV_OP(T, SUFFIX, M)                                                                                  \
+  extern "C" __global__ void gemv_##SUFFIX##_##M(const T *x, const T *w, T *y, uint32_t n, uint32_t k) {        \
+    gemv<T, M>(x, w, y, n, k);                                                                                 \
   }
 #define GEMV_OPS(T, SUFFIX) \
   GEMV_OP(T, SUFFIX, 1)     \
@@ -296,6 +326,10 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
   }                                                                                                            \
   extern "C" __global__ void silu_mul_##SUFFIX(const T *gu, T *out, uint32_t rows, uint32_t inter) {           \
     silu_mul<T>(gu, out, rows, inter);                                                                         \
+  }                                                                                                            \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *p, const T *w, T *sum_out, T *y,       \
+                                                   uint32_t d, float eps) {                                    \
+    add_rms_norm<T>(x, p, w, sum_out, y, d, eps);                                                              \
   }                                                                                                            \
   GEMV_OPS(T, SUFFIX)
 

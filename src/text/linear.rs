@@ -138,17 +138,6 @@ impl Linear {
         }
     }
 
-    /// `residual + self.forward(x)`; on a GPU, one kernel for a decode step's few rows (see
-    /// `cuda_decode::gemv`).
-    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if let (Weight::Dense(w), None) = (&self.weight, &self.bias)
-            && let Some(y) = super::cuda_decode::gemv(x, w, Some(residual))?
-        {
-            return Ok(y);
-        }
-        residual + self.forward(x)?
-    }
-
     fn in_features(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.dim(1).unwrap_or(0),
@@ -177,7 +166,7 @@ impl Module for Linear {
                 let out = with_f32(&x, |xs| p.matmul(xs, rows))?;
                 Tensor::from_vec(out, out_dims, &Device::Cpu)?.to_dtype(dtype)?
             }
-            Weight::Dense(w) => match super::cuda_decode::gemv(x, w, None)? {
+            Weight::Dense(w) => match super::cuda_decode::gemv(x, w)? {
                 Some(y) => y.reshape(out_dims)?,
                 None => x.reshape((rows, k))?.contiguous()?.matmul(&w.t()?)?.reshape(out_dims)?,
             },

@@ -33,8 +33,7 @@ impl Mlp {
         })
     }
 
-    /// `residual + mlp(x)`.
-    pub fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up_proj.forward(x)?;
         let h = match super::cuda_decode::silu_mul(&gu)? {
             Some(h) => h,
@@ -43,6 +42,6 @@ impl Mlp {
                 g.mul(&gu.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
             }
         };
-        self.down_proj.forward_add(&h, residual)
+        self.down_proj.forward(&h)
     }
 }

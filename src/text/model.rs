@@ -32,6 +32,20 @@ impl DecoderLayer {
     }
 }
 
+/// `x + pending` (a block's output, when there is one) and its RMSNorm: `(sum, normed)`. One
+/// kernel on a GPU (`cuda_decode::add_rms_norm`); candle's add and norm elsewhere.
+fn add_norm(norm: &RmsNorm, x: Tensor, pending: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+    if let Some(r) = cuda_decode::add_rms_norm(&x, pending.as_ref(), norm)? {
+        return Ok(r);
+    }
+    let x = match pending {
+        Some(p) => (x + p)?,
+        None => x,
+    };
+    let h = norm.forward(&x)?;
+    Ok((x, h))
+}
+
 #[derive(Debug, Clone)]
 pub struct Emu3TextModel {
     embed_tokens: Embedding,
@@ -123,14 +137,18 @@ impl Emu3TextModel {
         } else {
             Step::Generic { mask: cache.mask(t, &self.device)?.map(|m| m.to_dtype(self.dtype)).transpose()? }
         };
+        // Each block's output is added to the residual stream by the next norm (`add_norm`).
         let mut x = self.embed_tokens.forward(ids)?;
+        let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            x = layer.self_attn.forward(&h, &cos, &sin, &step, cache.layer_mut(i), &x)?;
-            x = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?, &x)?;
+            let (sum, h) = add_norm(&layer.input_layernorm, x, pending.take())?;
+            let a = layer.self_attn.forward(&h, &cos, &sin, &step, cache.layer_mut(i))?;
+            let (sum, h) = add_norm(&layer.post_attention_layernorm, sum, Some(a))?;
+            pending = Some(layer.mlp.forward(&h)?);
+            x = sum;
         }
         cache.advance(t);
-        self.norm.forward(&x)
+        Ok(add_norm(&self.norm, x, pending)?.1)
     }
 
     /// Logits `(b, t, vocab)` in f32 for hidden states `(b, t, hidden)`.
