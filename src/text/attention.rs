@@ -369,9 +369,9 @@ mod tests {
             let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
             let total: f64 = e.iter().sum();
-            for j in 0..kv_len {
+            for (j, ej) in e.iter().enumerate() {
                 for i in 0..hd {
-                    out[h * hd + i] += e[j] / total * g.values[j * hd + i] as f64;
+                    out[h * hd + i] += ej / total * g.values[j * hd + i] as f64;
                 }
             }
         }

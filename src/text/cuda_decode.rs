@@ -122,10 +122,12 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// `silu(gate) * up` of the fused gate|up projection `(.., 2 inter)` in one kernel on a CUDA
 /// device; `None` elsewhere (or when the fused path is off).
 pub fn silu_mul(gu: &Tensor) -> Result<Option<Tensor>> {
-    if !(gu.device().is_cuda() && cfg!(feature = "cuda") && enabled())
-        || !matches!(gu.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        || !gu.is_contiguous()
-    {
+    let ok = gu.device().is_cuda()
+        && cfg!(feature = "cuda")
+        && enabled()
+        && matches!(gu.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && gu.is_contiguous();
+    if !ok {
         return Ok(None);
     }
     silu_mul_launch(gu).map(Some)
