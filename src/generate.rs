@@ -70,7 +70,9 @@ pub enum SamplerPlace {
     Host,
     /// Guidance runs as tensor ops where the logits are, and so does the argmax when every job is
     /// greedy: only the guided scores of each job (or the chosen codes) reach the host, not the
-    /// logits of every row. Same arithmetic as the host's, so the same tokens on the CPU.
+    /// logits of every row. When every job is greedy and none forces codes, the chosen codes also
+    /// feed the next step on the device and reach the host once per token row, so the host never
+    /// waits for a step. Same arithmetic as the host's, so the same tokens on the CPU.
     Device,
 }
 
@@ -150,6 +152,13 @@ pub fn generate_with(
         SamplerPlace::Device => true,
     };
     let guidance = if on_device { Some(DeviceGuidance::new(jobs, &uncond_row, dev)?) } else { None };
+    // Every job greedy with no forced codes: the picks stay on the device and become the next
+    // step's input there, so the host never waits for a step; it reads the codes once a row.
+    let feed = match &guidance {
+        Some(g) if g.all_greedy && jobs.iter().all(|j| j.forced.is_none()) => Some(DeviceFeed::new(vocab, &uncond_row, dev)?),
+        _ => None,
+    };
+    let mut pending: Vec<Tensor> = Vec::new();
 
     let t1 = Instant::now();
     let mut samplers: Vec<Sampler> = jobs.iter().map(|j| Sampler::new(j.params, j.seed)).collect();
@@ -160,12 +169,20 @@ pub fn generate_with(
     for o in 1..=total {
         let slot = slot(vocab, o, h, w);
         let mut step_tokens = vec![vocab.pad; n_rows];
+        let mut step_input = None; // the step's input ids when they stay on the device
         match slot {
             Slot::Forced(t) => {
+                flush_picks(&mut pending, vocab, &mut codes, &mut tokens)?;
                 for (i, toks) in tokens.iter_mut().enumerate() {
                     toks.push(t);
                     step_tokens[i] = t;
                 }
+            }
+            Slot::Cell { .. } if feed.is_some() => {
+                let (Some(g), Some(f)) = (&guidance, &feed) else { unreachable!("feed implies guidance") };
+                let picked = g.pick(&head.forward(&last)?)?;
+                step_input = Some(f.ids(&picked)?);
+                pending.push(picked);
             }
             Slot::Cell { row, col } => {
                 let cell = row * w + col;
@@ -205,11 +222,15 @@ pub fn generate_with(
         on_step(&Progress { step: o, total, rows_done, codes: &codes });
         // Tokens after the last cell are all forced: no need to run the model for them.
         if o <= last_cell {
-            let input = Tensor::from_vec(step_tokens, (n_rows, 1), dev)?;
+            let input = match step_input {
+                Some(ids) => ids,
+                None => Tensor::from_vec(step_tokens, (n_rows, 1), dev)?,
+            };
             last = model.forward_hidden(&input, &mut cache)?;
             stats.steps += 1;
         }
     }
+    flush_picks(&mut pending, vocab, &mut codes, &mut tokens)?;
     stats.decode_secs = t1.elapsed().as_secs_f64();
     let out = codes.into_iter().zip(tokens).map(|(codes, tokens)| ImageTokens { codes, tokens }).collect();
     Ok((out, stats))
@@ -273,16 +294,62 @@ impl DeviceGuidance {
         })
     }
 
-    fn scores(&self, logits: &Tensor) -> Result<Scores> {
+    fn guided(&self, logits: &Tensor) -> Result<Tensor> {
         let cond = logits.index_select(&self.cond, 0)?;
         let uncond = logits.index_select(&self.uncond, 0)?;
-        let guided = (cond - &uncond)?.broadcast_mul(&self.scale)?.add(&uncond)?;
+        Ok((cond - &uncond)?.broadcast_mul(&self.scale)?.add(&uncond)?)
+    }
+
+    fn scores(&self, logits: &Tensor) -> Result<Scores> {
+        let guided = self.guided(logits)?;
         Ok(if self.all_greedy {
             Scores::Picked(guided.argmax(D::Minus1)?.to_vec1::<u32>()?)
         } else {
             Scores::Guided(guided.to_vec2::<f32>()?)
         })
     }
+
+    /// Each job's greedy code `(jobs,)` u32, left on the device.
+    fn pick(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(self.guided(logits)?.argmax(D::Minus1)?)
+    }
+}
+
+/// Turns the jobs' picked codes into the next step's input ids on the device: each row (a
+/// job's conditional row, or a guided job's unconditional one) gets its job's code's token id.
+struct DeviceFeed {
+    row_job: Tensor,
+    code_ids: Tensor,
+}
+
+impl DeviceFeed {
+    fn new(vocab: &Vocabulary, uncond_row: &[Option<usize>], dev: &candle_core::Device) -> Result<Self> {
+        let mut row_job: Vec<u32> = (0..uncond_row.len() as u32).collect();
+        row_job.extend(uncond_row.iter().enumerate().filter(|(_, r)| r.is_some()).map(|(i, _)| i as u32));
+        Ok(Self { row_job: Tensor::new(row_job, dev)?, code_ids: Tensor::new(vocab.visual_ids(), dev)? })
+    }
+
+    /// picked `(jobs,)` -> input ids `(rows, 1)`.
+    fn ids(&self, picked: &Tensor) -> Result<Tensor> {
+        let codes = picked.index_select(&self.row_job, 0)?;
+        Ok(self.code_ids.index_select(&codes, 0)?.unsqueeze(1)?)
+    }
+}
+
+/// Append the codes picked on the device since the last call (one host read for all of them).
+fn flush_picks(pending: &mut Vec<Tensor>, vocab: &Vocabulary, codes: &mut [Vec<u32>], tokens: &mut [Vec<u32>]) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let picks = Tensor::stack(pending, 0)?.to_vec2::<u32>()?;
+    pending.clear();
+    for step in picks {
+        for (i, code) in step.into_iter().enumerate() {
+            codes[i].push(code);
+            tokens[i].push(vocab.code_id(code));
+        }
+    }
+    Ok(())
 }
 
 /// The LM head restricted to some token rows (the visual tokens).

@@ -173,7 +173,11 @@ fn device_side_guidance_gives_the_host_tokens() {
         let mut unguided = greedy.clone();
         unguided.params = SamplingParams { cfg: 1.0, temperature: 0.8, top_k: 0, top_p: 1.0 };
         unguided.seed = 3;
-        for jobs in [vec![greedy.clone()], vec![greedy.clone(), sampled.clone(), unguided.clone()]] {
+        // All greedy (one guided, one not): the codes stay on the device between steps.
+        let mut greedy_unguided = greedy.clone();
+        greedy_unguided.params.cfg = 1.0;
+        let all_greedy = vec![greedy.clone(), greedy_unguided];
+        for jobs in [vec![greedy.clone()], all_greedy, vec![greedy.clone(), sampled.clone(), unguided.clone()]] {
             let run = |place| generate_with(&model.text, vocab, &jobs, place, &mut |_| {}).unwrap().0;
             let (host, device) = (run(SamplerPlace::Host), run(SamplerPlace::Device));
             for (h, d) in host.iter().zip(&device) {
