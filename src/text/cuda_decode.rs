@@ -272,6 +272,30 @@ mod kernels {
         };
     }
 
+    /// `CustomOp2` for an op with a `launch::<T>(a, b)` per dtype: CUDA only, f32/bf16/f16.
+    macro_rules! cuda_op2 {
+        ($op:ty, $name:literal) => {
+            impl candle_core::CustomOp2 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    candle_core::bail!("the fused decode ops run on CUDA only")
+                }
+
+                fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+                    match s1.dtype() {
+                        DType::F32 => self.launch::<f32>((s1, l1), (s2, l2)),
+                        DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2)),
+                        DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2)),
+                        other => candle_core::bail!("fused decode: unsupported dtype {other:?}"),
+                    }
+                }
+            }
+        };
+    }
+
     /// Rotate the new token's queries and keys; write keys and values to the cache at `pos`.
     /// Inputs qkv, cos, sin; output q `(b, h, 1, hd)`. The cache buffers are written in place.
     pub(super) struct RopeAppend {
@@ -400,24 +424,7 @@ mod kernels {
         }
     }
 
-    impl candle_core::CustomOp2 for Gemv {
-        fn name(&self) -> &'static str {
-            "tessera-gemv"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the GEMV kernel runs on CUDA only")
-        }
-
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s1.dtype() {
-                DType::F32 => self.launch::<f32>((s1, l1), (s2, l2)),
-                DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2)),
-                DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2)),
-                other => candle_core::bail!("gemv: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op2!(Gemv, "tessera-gemv");
 
     /// `silu(gate) * up` of `(.., 2 inter)`; output `(.., inter)`.
     pub(super) struct SiluMul;
@@ -514,22 +521,5 @@ mod kernels {
         }
     }
 
-    impl candle_core::CustomOp2 for AddRmsNorm {
-        fn name(&self) -> &'static str {
-            "tessera-add-rms-norm"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused add + RMSNorm runs on CUDA only")
-        }
-
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s1.dtype() {
-                DType::F32 => self.launch::<f32>((s1, l1), (s2, l2)),
-                DType::BF16 => self.launch::<half::bf16>((s1, l1), (s2, l2)),
-                DType::F16 => self.launch::<half::f16>((s1, l1), (s2, l2)),
-                other => candle_core::bail!("add_rms_norm: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op2!(AddRmsNorm, "tessera-add-rms-norm");
 }
