@@ -69,6 +69,19 @@ BUCKETS = [
     ("edit_16x16", "edit", 48),
 ]
 P_UNCOND = 0.1
+
+
+def bucket_batches(overrides=(), scale=1.0):
+    """BUCKETS with each micro-batch multiplied by `scale`, then set by `overrides`
+    ("SPLIT=N", e.g. "edit_16x16=80": more of every step for that task)."""
+    fixed = {}
+    for o in overrides:
+        name, _, n = o.partition("=")
+        if name not in {b[0] for b in BUCKETS} or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--bucket-batch {o!r}: expected SPLIT=N with SPLIT one of "
+                             f"{', '.join(b[0] for b in BUCKETS)} and N >= 1")
+        fixed[name] = int(n)
+    return [(split, kind, fixed.get(split, max(1, int(round(batch * scale))))) for split, kind, batch in BUCKETS]
 LR = 2e-3
 MIN_LR_FRAC = 0.1
 WARMUP_FRAC = 0.03
@@ -303,6 +316,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=WARMUP_FRAC, help="warm-up fraction of the time budget")
     ap.add_argument("--min-lr-frac", type=float, default=MIN_LR_FRAC)
     ap.add_argument("--batch-scale", type=float, default=1.0, help="multiplies every bucket's micro-batch")
+    ap.add_argument("--bucket-batch", action="append", default=[], metavar="SPLIT=N",
+                    help="set one bucket's micro-batch (after --batch-scale), e.g. edit_16x16=80; repeatable")
     ap.add_argument("--p-uncond", type=float, default=P_UNCOND)
     ap.add_argument("--eval-every", type=float, default=EVAL_EVERY)
     ap.add_argument("--save-every", type=float, default=0.0, help="rewrite RUN/lm/lm.safetensors every S seconds (0: at the end)")
@@ -353,7 +368,7 @@ def main():
     t0 = time.time()
     synth = synthetic_codes(tok, sp) if args.profile and args.synthetic else None
     buckets = []
-    for split, kind, batch in BUCKETS:
+    for split, kind, batch in bucket_batches(args.bucket_batch, args.batch_scale):
         if synth is not None:
             codes, texts = synth[split]
         else:
@@ -365,7 +380,7 @@ def main():
             with open(os.path.join(codes_dir, f"{split}.texts.json")) as f:
                 texts = json.load(f)
         assert codes.max() < sp["K"], "codes exceed the tokenizer's visual tokens"
-        b = Bucket(split, kind, max(1, int(round(batch * args.batch_scale))), codes, texts, tok, sp, sp["vis"], dev,
+        b = Bucket(split, kind, batch, codes, texts, tok, sp, sp["vis"], dev,
                    VAL_FRAC, args.p_uncond)
         check_layout(b, tok, sp)
         buckets.append(b)

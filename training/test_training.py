@@ -265,6 +265,19 @@ def test_warm_start_reads_exported_weights(tmp=None):
         assert tconf.vocab_size == tok.get_vocab_size() and tconf.pad_token_id == sp["pad"]
 
 
+def test_bucket_batch_overrides():
+    default = lmlib.bucket_batches()
+    assert [b for _, _, b in default] == [b for _, _, b in lmlib.BUCKETS]
+    scaled = dict((s, b) for s, _, b in lmlib.bucket_batches(["edit_16x16=80"], 0.5))
+    assert scaled["edit_16x16"] == 80 and scaled["t2i_16x16"] == round(lmlib.BUCKETS[0][2] * 0.5)
+    for bad in (["edit=80"], ["edit_16x16=0"], ["edit_16x16"]):
+        try:
+            lmlib.bucket_batches(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad} accepted")
+
+
 if __name__ == "__main__":
     tests = [v for k, v in sorted(globals().items()) if k.startswith("test_")]
     failed = 0
@@ -277,3 +290,4 @@ if __name__ == "__main__":
             print(f"FAIL {t.__name__}: {err!r}", flush=True)
     print(f"{len(tests) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
+
