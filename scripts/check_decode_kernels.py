@@ -29,7 +29,7 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the kernels round as the unfused path does).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 GEMV_THREADS = 128
-GEMV_MAX_ELEMENTS = 4096 * 4096  # cuda_decode.rs: the GEMV's default largest weight
+GEMV_MAX_ELEMENTS = float("inf")  # cuda_decode.rs: the GEMV's default largest weight (every weight)
 ATT_THREADS = 1024
 L2_FLUSH_BYTES = 512 << 20
 RESULTS = []
@@ -65,6 +65,39 @@ def gemv(mod, x, w, y=None):
     y = torch.full((rows, n), float("nan"), dtype=x.dtype, device=x.device) if y is None else y
     mod.get_function(f"gemv_{SUFFIX[x.dtype]}_{rows}")((n,), (GEMV_THREADS,), (ptr(x), ptr(w), ptr(y), np.uint32(n), np.uint32(k)))
     return y
+
+
+def gemv_swiglu(mod, x, w, y=None):
+    rows, k = x.shape
+    inter = w.shape[0] // 2
+    y = torch.full((rows, inter), float("nan"), dtype=x.dtype, device=x.device) if y is None else y
+    mod.get_function(f"gemv_swiglu_{SUFFIX[x.dtype]}_{rows}")(
+        (inter,), (GEMV_THREADS,), (ptr(x), ptr(w), ptr(y), np.uint32(inter), np.uint32(k)))
+    return y
+
+
+def gemv_rope(mod, x, w, cos, sin, kc, vc, pos, q=None):
+    rows, k = x.shape
+    _, kvh, max_len, hd = kc.shape
+    h = w.shape[0] // hd - 2 * kvh
+    q = torch.full((rows, h, hd), float("nan"), dtype=x.dtype, device=x.device) if q is None else q
+    mod.get_function(f"gemv_rope_{SUFFIX[x.dtype]}_{rows}")(
+        ((h + 2 * kvh) * hd // 2,), (GEMV_THREADS,),
+        (ptr(x), ptr(w), ptr(cos), ptr(sin), ptr(q), ptr(kc), ptr(vc), np.uint32(h), np.uint32(kvh), np.uint32(hd),
+         np.uint32(max_len), np.uint32(pos), np.uint32(k)))
+    return q
+
+
+def gemv_add_norm(mod, x, w, resid, g, eps, out=None, sq=None):
+    rows, k = x.shape
+    n = w.shape[0]
+    out = torch.full((2, rows, n), float("nan"), dtype=x.dtype, device=x.device) if out is None else out
+    sq = torch.full((rows, n), float("nan"), dtype=torch.float32, device=x.device) if sq is None else sq
+    mod.get_function(f"gemv_add_norm_{SUFFIX[x.dtype]}_{rows}")(
+        (n,), (GEMV_THREADS,),
+        (ptr(x), ptr(w), ptr(resid), ptr(g), ptr(out[0]), ptr(out[1]), ptr(sq), np.uint32(n), np.uint32(k),
+         np.float32(eps)))
+    return out
 
 
 def add_rms_norm(mod, x, p, w, eps, out=None):
@@ -152,6 +185,54 @@ def check(mod, g):
             good = e < TOL[dt]
             ok &= good
             record(check="silu_mul", dtype=SUFFIX[dt], rows=rows, inter=inter, rel_err=e, ok=good)
+        for rows, inter, k in ((2, 1001, 4104), (3, 64, 136), (8, 300, 520)):
+            x = torch.randn(rows, k, generator=g, device=dev).to(dt)
+            w = (torch.randn(2 * inter, k, generator=g, device=dev) * k ** -0.5 * 3).to(dt)
+            gu = x.double() @ w.double().T
+            ref = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+            e = rel_err(gemv_swiglu(mod, x, w), ref)
+            good = e < TOL[dt]
+            ok &= good
+            record(check="gemv_swiglu", dtype=SUFFIX[dt], rows=rows, inter=inter, k=k, rel_err=e, ok=good)
+        for rows, n, k in ((2, 4096, 4104), (3, 520, 136), (8, 1000, 64)):
+            eps = 1e-5
+            x = torch.randn(rows, k, generator=g, device=dev).to(dt)
+            w = (torch.randn(n, k, generator=g, device=dev) * k ** -0.5).to(dt)
+            resid = torch.randn(rows, n, generator=g, device=dev).to(dt)
+            gw = (1 + 0.1 * torch.randn(n, generator=g, device=dev)).to(dt)
+            p = (x.double() @ w.double().T).to(dt).double()
+            s_ref = (resid.double() + p).to(dt).double()
+            n_ref = s_ref * torch.rsqrt(s_ref.pow(2).mean(-1, keepdim=True) + eps) * gw.double()
+            errs = []
+            for _ in range(2):  # a second launch: the kernel's completion counter was reset
+                out = gemv_add_norm(mod, x, w, resid, gw, eps)
+                errs += [rel_err(out[0], s_ref), rel_err(out[1], n_ref)]
+            good = max(errs) < TOL[dt]
+            ok &= good
+            record(check="gemv_add_norm", dtype=SUFFIX[dt], rows=rows, n=n, k=k, rel_err_sum=max(errs[0::2]),
+                   rel_err_norm=max(errs[1::2]), ok=good)
+        for rows, hd, h, kvh, k in ((2, 128, 4, 2, 520), (3, 64, 6, 3, 384), (1, 32, 2, 1, 136)):
+            max_len, pos, half = 40, 17, hd // 2
+            x = torch.randn(rows, k, generator=g, device=dev).to(dt)
+            w = (torch.randn((h + 2 * kvh) * hd, k, generator=g, device=dev) * k ** -0.5).to(dt)
+            ang = torch.rand(rows, half, generator=g, device=dev) * 6.3
+            cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+            kc = torch.randn(rows, kvh, max_len, hd, generator=g, device=dev).to(dt)
+            vc = torch.randn(rows, kvh, max_len, hd, generator=g, device=dev).to(dt)
+            kc0, vc0 = kc.clone(), vc.clone()
+            qkv = (x.double() @ w.double().T).view(rows, h + 2 * kvh, hd)
+            c, s_ = cos.double()[:, None, :], sin.double()[:, None, :]
+            rot = lambda t: torch.cat([t[..., :half] * c - t[..., half:] * s_, t[..., :half] * s_ + t[..., half:] * c], -1)
+            q = gemv_rope(mod, x, w, cos, sin, kc, vc, pos)
+            e_q = rel_err(q, rot(qkv[:, :h]))
+            e_k = rel_err(kc[:, :, pos], rot(qkv[:, h:h + kvh]))
+            e_v = rel_err(vc[:, :, pos], qkv[:, h + kvh:])
+            others = [j for j in range(max_len) if j != pos]
+            untouched = bool(torch.equal(kc[:, :, others], kc0[:, :, others]) and torch.equal(vc[:, :, others], vc0[:, :, others]))
+            good = e_q < TOL[dt] and e_k < TOL[dt] and e_v < TOL[dt] and untouched
+            ok &= good
+            record(check="gemv_rope", dtype=SUFFIX[dt], rows=rows, hd=hd, heads=h, kv_heads=kvh, k=k, rel_err_q=e_q,
+                   rel_err_k=e_k, rel_err_v=e_v, rest_of_cache_untouched=untouched, ok=good)
         for hd, h, kvh, kv_len in ((128, 32, 8, 600), (64, 8, 2, 1100), (32, 4, 4, 37)):
             b, max_len = 2, kv_len + 100
             q = torch.randn(b, h, hd, generator=g, device=dev).to(dt)
@@ -205,6 +286,41 @@ def bench(mod, g, reps):
         per_layer[name] = (t_k, t_t)
         record(bench="gemv", shape=name, n=n, k=k, rows=2, kernel_us=t_k, cublas_us=t_t,
                kernel_tb_s=gb / t_k * 1e3, cublas_tb_s=gb / t_t * 1e3)
+        del ws
+    # The fused products against the unfused launches they replace (same weights).
+    for name, (n, k) in (("gate_up", shapes["gate_up"]), ("qkv", shapes["qkv"])):
+        copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))
+        ws = [(torch.randn(n, k, generator=g, device=dev) * 0.02).to(dt) for _ in range(copies)]
+        x = torch.randn(2, k, generator=g, device=dev).to(dt)
+        y = torch.empty(2, n, dtype=dt, device=dev)
+        if name == "gate_up":  # SwiGLU inside the gate|up GEMV
+            h_out = torch.empty(2, n // 2, dtype=dt, device=dev)
+            t_f = timed(lambda i: gemv_swiglu(mod, x, ws[i % copies], h_out), reps)
+            t_u = timed(lambda i: silu_mul(mod, gemv(mod, x, ws[i % copies], y), h_out), reps)
+            record(bench="gemv_swiglu", rows=2, n=n, k=k, fused_us=t_f, gemv_then_silu_mul_us=t_u)
+        else:
+            kvh, hd, max_len = 8, 128, 1200
+            kc, vc = (torch.empty(2, kvh, max_len, hd, dtype=dt, device=dev) for _ in range(2))
+            ang = torch.rand(2, hd // 2, generator=g, device=dev)
+            cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+            q = torch.empty(2, n // hd - 2 * kvh, hd, dtype=dt, device=dev)
+            t_f = timed(lambda i: gemv_rope(mod, x, ws[i % copies], cos, sin, kc, vc, 600, q), reps)
+            t_u = timed(lambda i: gemv(mod, x, ws[i % copies], y), reps)
+            record(bench="gemv_rope", rows=2, n=n, k=k, fused_us=t_f, gemv_alone_us=t_u)
+        del ws
+    for name in ("o", "down"):  # the output projections with the residual add and the norm
+        n, k = shapes[name]
+        copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))
+        ws = [(torch.randn(n, k, generator=g, device=dev) * 0.02).to(dt) for _ in range(copies)]
+        x = torch.randn(2, k, generator=g, device=dev).to(dt)
+        resid = torch.randn(2, n, generator=g, device=dev).to(dt)
+        gw = torch.ones(n, dtype=dt, device=dev)
+        y = torch.empty(2, n, dtype=dt, device=dev)
+        buf = torch.empty(2, 2, n, dtype=dt, device=dev)
+        sq = torch.empty(2, n, dtype=torch.float32, device=dev)
+        t_f = timed(lambda i: gemv_add_norm(mod, x, ws[i % copies], resid, gw, 1e-5, buf, sq), reps)
+        t_u = timed(lambda i: add_rms_norm(mod, resid, gemv(mod, x, ws[i % copies], y), gw, 1e-5, buf), reps)
+        record(bench="gemv_add_norm", shape=name, rows=2, n=n, k=k, fused_us=t_f, gemv_then_add_rms_norm_us=t_u)
         del ws
     gu = torch.randn(2, 2 * 14336, generator=g, device=dev).to(dt)
     out = torch.empty(2, 14336, dtype=dt, device=dev)

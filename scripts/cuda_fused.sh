@@ -3,10 +3,16 @@
 # (environment of the same binary):
 #   base:   TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1   (run 4's path: candle ops, cuBLAS)
 #   events: TESSERA_CUDA_FUSED=0                          (cudarc's event tracking off only)
-#   cublas: TESSERA_CUDA_GEMV_MAX=0                       (the fused kernels, every product by cuBLAS)
-#   fused:  defaults                                      (+ the GEMV kernel for weights up to 4096^2)
-#   gemv:   TESSERA_CUDA_GEMV_MAX=1000000000000           (the GEMV kernel for every product)
-# A and B name the two variants compared (default A=cublas B=fused).
+#   cublas:  TESSERA_CUDA_GEMV_MAX=0                      (the fused kernels, every product by cuBLAS)
+#   small:   TESSERA_CUDA_GEMV_MAX=16777216 + unfused      (the GEMV kernel for weights up to 4096^2 only)
+#   unfused: TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_NORM_FUSED=0 (the GEMV for every product, RoPE,
+#            SwiGLU and add + RMSNorm each their own launch)
+#   proj:    TESSERA_CUDA_NORM_FUSED=0                    (+ RoPE and SwiGLU inside the q|k|v and
+#            gate|up GEMVs)
+#   fused:   defaults                                     (+ o_proj/down_proj, the residual add and
+#            the next RMSNorm in one GEMV launch)
+# A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
+# shipped-model greedy codes are checked too.
 # Steps, most telling first: KERNELS=1 checks and times the kernels alone
 # (scripts/check_decode_kernels.py); the shipped model's greedy codes on B against transformers'
 # (f32) and A's (bf16/f16); the Emu3-Gen shape's step time (EMU3=1; the variants of EMU3_ORDER,
@@ -23,7 +29,7 @@ R="$OUT/fused.jsonl"
 T=${T_BIN:-/tmp/tessera-cuda}
 DEV=${DEV:-cuda}          # DEV=cpu T_BIN=target/release/tessera EMU3=0 LIMIT=1: a dry run on a CPU machine
 LIMIT=${LIMIT:-25}
-A=${A:-cublas}
+A=${A:-unfused}
 B=${B:-fused}
 NEG="lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
 [ -n "${T_BIN:-}" ] || { xz -dc .cuda/tessera-cuda.xz > "$T" && chmod +x "$T"; }
@@ -33,8 +39,10 @@ variant() {  # name -> environment
     base) echo "TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1" ;;
     events) echo "TESSERA_CUDA_FUSED=0" ;;
     cublas) echo "TESSERA_CUDA_GEMV_MAX=0" ;;
+    small) echo "TESSERA_CUDA_GEMV_MAX=16777216 TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_NORM_FUSED=0" ;;
+    unfused) echo "TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_NORM_FUSED=0" ;;
+    proj) echo "TESSERA_CUDA_NORM_FUSED=0" ;;
     fused) echo "TESSERA_CUDA_FUSED=1" ;;
-    gemv) echo "TESSERA_CUDA_GEMV_MAX=1000000000000" ;;
   esac
 }
 gen() {  # variant, then gen arguments; prints the JSON
@@ -51,20 +59,23 @@ echo "=== warm-up (PTX JIT) $(date +%T)"
 timeout 120 "$T" gen "a cat" --model tests/fixtures/tiny-t4 --device $DEV --size 8x6 -o /tmp/w.png -q --seed 1 > /dev/null
 
 echo "=== shipped model: greedy codes $(date +%T)"
+# B and the EXTRA variants, each against transformers' f32 codes and against A.
 for dt in f32 bf16 f16; do
-  for v in $B $A; do
+  for v in $B ${EXTRA:-} $A; do
     gen $v "a red circle" --dtype $dt --size 128x128 --cfg 3 --temperature 0 --seed 1 -o /tmp/s.png > /tmp/s-$v-$dt.json
   done
-  python3 - "$dt" "$A" "$B" <<'PY' | tee -a "$R"
+  python3 - "$dt" "$A" $B ${EXTRA:-} <<'PY' | tee -a "$R"
 import json, sys
-dt, a, b = sys.argv[1:4]
+dt, a, vs = sys.argv[1], sys.argv[2], sys.argv[3:]
 ref = [c for row in json.load(open("tests/fixtures/shipped/gen_tokens.json"))["codes"] for c in row]
-f, g = (json.load(open(f"/tmp/s-{v}-{dt}.json")) for v in (b, a))
+g = json.load(open(f"/tmp/s-{a}-{dt}.json"))
 agree = lambda x, y: sum(p == q for p, q in zip(x, y))
-print(json.dumps({"check": "shipped_greedy", "dtype": dt, "variant": b, "against": a,
-                  "equals_transformers": f["codes"] == ref, "vs_transformers": agree(f["codes"], ref),
-                  "vs_against": agree(f["codes"], g["codes"]), "of": len(ref),
-                  "tok_s": f["tokens_per_sec"], "against_tok_s": g["tokens_per_sec"]}))
+for b in vs:
+    f = json.load(open(f"/tmp/s-{b}-{dt}.json"))
+    print(json.dumps({"check": "shipped_greedy", "dtype": dt, "variant": b, "against": a,
+                      "equals_transformers": f["codes"] == ref, "vs_transformers": agree(f["codes"], ref),
+                      "vs_against": agree(f["codes"], g["codes"]), "of": len(ref),
+                      "tok_s": f["tokens_per_sec"], "against_tok_s": g["tokens_per_sec"]}))
 PY
 done
 

@@ -1,21 +1,24 @@
 //! The fused CUDA path of a decode step (one new token per row), kernels in `decode_kernels.cu`.
 //! Per layer: one launch adds the previous block's output to the residual stream and applies the
-//! RMSNorm (twice per layer), one rotates the new queries and keys and writes the keys and values
-//! into the cache, one does the whole grouped-query attention of the new token, one computes
-//! SwiGLU's `silu(gate) * up`, and products with small enough weights run as a GEMV kernel (a
-//! few rows against a weight, in one launch where cuBLAS takes a split-K GEMM and a reduction).
-//! Together they replace about 20 small candle ops per layer.
+//! RMSNorm (twice per layer); one does the q|k|v product, rotates the new queries and keys and
+//! writes the keys and values into the cache; one does the whole grouped-query attention of the
+//! new token; one does the gate|up product and SwiGLU's `silu(gate) * up`; and the other
+//! products run as a GEMV kernel (a few rows against a weight, in one launch where cuBLAS takes a
+//! split-K GEMM and a reduction). Seven launches per layer in place of about 25 candle ops.
 //!
 //! Used when built with `cuda`, on a CUDA device, for f32/bf16/f16 weights, head dimensions of
 //! 32, 64 or 128 and caches short enough for the attention's shared memory (the GEMV: at most
 //! [`GEMV_MAX_ROWS`] rows); every other case takes the generic path in `attention.rs` and
-//! candle's ops. `TESSERA_CUDA_FUSED=0` turns it all off and `TESSERA_CUDA_GEMV_MAX` sets the
-//! GEMV's largest weight (for before/after measurements in one binary);
+//! candle's ops. `TESSERA_CUDA_FUSED=0` turns it all off, `TESSERA_CUDA_GEMV_MAX` sets the
+//! GEMV's largest weight (0: cuBLAS for every product) and `TESSERA_CUDA_PROJ_FUSED=0` keeps the
+//! q|k|v and gate|up products apart from RoPE and SwiGLU (for before/after measurements in one
+//! binary);
 //! `scripts/check_decode_kernels.py` checks each kernel against a float64 reference on a GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::cache::LayerCache;
+use super::linear::Linear;
 
 /// Shared memory of the attention kernel, in floats, must stay under the 48 KiB every CUDA
 /// GPU gives a block without opting in: kv_len + hd + 32 hd + 32.
@@ -38,13 +41,16 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("TESSERA_CUDA_FUSED").map(|v| v != "0").unwrap_or(true))
 }
 
-/// The attention of one decode step: `qkv` `(b, 1, (h + 2 kvh) hd)` from the fused projection,
-/// cos/sin `(b, 1, hd / 2)`, `pad` `(b,)` u32 (each row's left padding). Appends the new key and
-/// value to `cache`; returns the attention output `(b, 1, h hd)` (before `o_proj`).
+/// The attention of one decode step: `x` `(b, 1, d)` (the normed residual stream), `qkv_proj`
+/// the fused q|k|v projection, cos/sin `(b, 1, hd / 2)`, `pad` `(b,)` u32 (each row's left
+/// padding). Appends the new key and value to `cache`; returns the attention output
+/// `(b, 1, h hd)` (before `o_proj`). The product runs inside the RoPE + cache-write kernel when
+/// it fits the GEMV (see [`gemv`]).
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
-    qkv: &Tensor,
+    x: &Tensor,
+    qkv_proj: &Linear,
     cos: &Tensor,
     sin: &Tensor,
     pad: &Tensor,
@@ -53,13 +59,26 @@ pub fn attend(
     kv_heads: usize,
     head_dim: usize,
 ) -> Result<Tensor> {
-    let b = qkv.dim(0)?;
+    let b = x.dim(0)?;
     let pos = cache.len();
-    let (k, v) = cache.buffers(b, kv_heads, head_dim, qkv.dtype(), qkv.device())?;
+    let (k, v) = cache.buffers(b, kv_heads, head_dim, x.dtype(), x.device())?;
     let (k, v) = (k.clone(), v.clone());
     let max_len = cache.max_len();
     let dims = Dims { heads, kv_heads, head_dim, max_len };
-    let q = qkv.apply_op3_no_bwd(cos, sin, &kernels::RopeAppend { k: k.clone(), v: v.clone(), dims, pos })?;
+    let fused = match qkv_proj.dense_weight() {
+        Some(w) if proj_fused() => gemv_shape(x, w)?.map(|(rows, _, k)| (w, rows, k)),
+        _ => None,
+    };
+    let q = match fused {
+        Some((w, rows, kdim)) => {
+            let op = kernels::GemvRope { w: w.clone(), k: k.clone(), v: v.clone(), dims, pos, rows, kdim };
+            x.apply_op3_no_bwd(cos, sin, &op)?
+        }
+        None => {
+            let qkv = candle_core::Module::forward(qkv_proj, x)?;
+            qkv.apply_op3_no_bwd(cos, sin, &kernels::RopeAppend { k: k.clone(), v: v.clone(), dims, pos })?
+        }
+    };
     cache.advanced(1)?;
     let y = q.apply_op3_no_bwd(&k, &v, &kernels::Attention { pad: pad.clone(), dims, kv_len: pos + 1 })?;
     y.reshape((b, 1, heads * head_dim))
@@ -68,7 +87,8 @@ pub fn attend(
 #[cfg(not(feature = "cuda"))]
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
-    _qkv: &Tensor,
+    _x: &Tensor,
+    _qkv_proj: &Linear,
     _cos: &Tensor,
     _sin: &Tensor,
     _pad: &Tensor,
@@ -83,16 +103,28 @@ pub fn attend(
 /// Most rows [`gemv`] takes (a decode step with guidance has two per image).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Largest weight, in elements, that [`gemv`] takes by default: on an H200 the kernel beats
-/// cuBLAS up to a 4096 x 4096 matrix (no split-K reduction, one launch) and trails it by
-/// 5-10% on larger ones (BENCHMARKS.md, "CUDA"). `TESSERA_CUDA_GEMV_MAX` overrides it (0: never).
-const GEMV_MAX_ELEMENTS: usize = 4096 * 4096;
+/// Largest weight, in elements, that [`gemv`] takes by default: every weight. On an H200 the
+/// kernel alone beats cuBLAS up to a 4096 x 4096 matrix and trails it by 5-10% on larger ones,
+/// but a whole Emu3-Gen decode step is 4% faster with the GEMV for every product (fewer
+/// launches, no split-K reductions; BENCHMARKS.md, "CUDA"). `TESSERA_CUDA_GEMV_MAX` overrides it
+/// (0: cuBLAS for every product).
+const GEMV_MAX_ELEMENTS: usize = usize::MAX;
 
 /// `x (.., k) . w (n, k)^T` with the decode step's GEMV kernel, when `x` has at most
 /// [`GEMV_MAX_ROWS`] rows on a CUDA device, the weight is no larger than the GEMV's limit and
 /// the kernel's layout needs hold (same dtype, contiguous, 16-byte aligned rows); `None`
 /// otherwise (the caller takes candle's matmul).
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let Some((rows, n, k)) = gemv_shape(x, w)? else {
+        return Ok(None);
+    };
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    gemv_launch(x, w, rows, n, k)?.reshape(out_dims).map(Some)
+}
+
+/// `(rows, n, k)` when [`gemv`] can take `x . w^T`; `None` otherwise.
+fn gemv_shape(x: &Tensor, w: &Tensor) -> Result<Option<(usize, usize, usize)>> {
     if !(x.device().is_cuda() && cfg!(feature = "cuda") && enabled()) {
         return Ok(None);
     }
@@ -111,12 +143,25 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         && k.is_multiple_of(vec)
         && aligned(x)
         && aligned(w);
-    if !fits {
+    Ok(fits.then_some((rows, n, k)))
+}
+
+/// `silu(x . gate^T) * (x . up^T)` from the fused gate|up weight `(2 inter, k)` in one GEMV
+/// kernel, when the product fits [`gemv`]; `None` otherwise (the caller projects and applies
+/// SwiGLU).
+pub fn swiglu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !proj_fused() {
+        return Ok(None);
+    }
+    let Some((rows, n, k)) = gemv_shape(x, w)? else {
+        return Ok(None);
+    };
+    if !n.is_multiple_of(2) {
         return Ok(None);
     }
     let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("rank >= 1") = n;
-    gemv_launch(x, w, rows, n, k)?.reshape(out_dims).map(Some)
+    *out_dims.last_mut().expect("rank >= 1") = n / 2;
+    swiglu_launch(x, w, rows, n / 2, k)?.reshape(out_dims).map(Some)
 }
 
 /// `silu(gate) * up` of the fused gate|up projection `(.., 2 inter)` in one kernel on a CUDA
@@ -151,6 +196,42 @@ pub fn add_rms_norm(x: &Tensor, pending: Option<&Tensor>, norm: &candle_nn::RmsN
     add_rms_norm_launch(x, pending, norm).map(Some)
 }
 
+/// `(resid + x . w^T, rms_norm(resid + x . w^T))`: a block's output projection (`o_proj`,
+/// `down_proj`), the residual add and the next RMSNorm in one GEMV kernel, when the product fits
+/// [`gemv`]; `None` otherwise (the caller projects, then calls [`add_rms_norm`]).
+pub fn gemv_add_norm(x: &Tensor, w: &Tensor, resid: &Tensor, norm: &candle_nn::RmsNorm) -> Result<Option<(Tensor, Tensor)>> {
+    if !norm_fused() {
+        return Ok(None);
+    }
+    let Some((rows, n, k)) = gemv_shape(x, w)? else {
+        return Ok(None);
+    };
+    let dtype = x.dtype();
+    let ok = resid.dtype() == dtype
+        && resid.is_contiguous()
+        && resid.elem_count() == rows * n
+        && resid.dim(candle_core::D::Minus1)? == n
+        && norm.weight().dtype() == dtype
+        && norm.weight().is_contiguous()
+        && norm.weight().elem_count() == n;
+    if !ok {
+        return Ok(None);
+    }
+    let out = gemv_add_norm_launch(x, w, resid, norm, rows, n, k)?;
+    let dims = resid.dims();
+    Ok(Some((out.get(0)?.reshape(dims)?, out.get(1)?.reshape(dims)?)))
+}
+
+fn norm_fused() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_CUDA_NORM_FUSED").map(|v| v != "0").unwrap_or(true))
+}
+
+fn proj_fused() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TESSERA_CUDA_PROJ_FUSED").map(|v| v != "0").unwrap_or(true))
+}
+
 fn gemv_max_elements() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
@@ -166,6 +247,35 @@ fn gemv_launch(x: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize) -> Resul
 #[cfg(not(feature = "cuda"))]
 fn gemv_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
     candle_core::bail!("the CUDA GEMV needs a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn swiglu_launch(x: &Tensor, w: &Tensor, rows: usize, inter: usize, k: usize) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &kernels::GemvSwiglu { rows, inter, k })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn swiglu_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
+    candle_core::bail!("the fused SwiGLU GEMV needs a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn gemv_add_norm_launch(
+    x: &Tensor,
+    w: &Tensor,
+    resid: &Tensor,
+    norm: &candle_nn::RmsNorm,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<Tensor> {
+    let op = kernels::GemvAddNorm { g: norm.weight().clone(), rows, n, k, eps: norm.eps() as f32 };
+    x.apply_op3_no_bwd(w, resid, &op)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gemv_add_norm_launch(_: &Tensor, _: &Tensor, _: &Tensor, _: &candle_nn::RmsNorm, _: usize, _: usize, _: usize) -> Result<Tensor> {
+    candle_core::bail!("the fused projection + add + RMSNorm needs a build with the `cuda` feature")
 }
 
 #[cfg(feature = "cuda")]
@@ -425,6 +535,148 @@ mod kernels {
     }
 
     cuda_op2!(Gemv, "tessera-gemv");
+
+    /// `silu(x . gate^T) * (x . up^T)`: inputs x, the gate|up weight `(2 inter, k)`; output
+    /// `(rows, inter)`.
+    pub(super) struct GemvSwiglu {
+        pub rows: usize,
+        pub inter: usize,
+        pub k: usize,
+    }
+
+    impl GemvSwiglu {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(
+            &self,
+            x: (&CudaStorage, &Layout),
+            w: (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let (rows, inter, k) = (self.rows, self.inter, self.k);
+            let dev = x.0.device().clone();
+            let x_v = view::<T>(x.0, x.1, "gemv input")?;
+            let w_v = view::<T>(w.0, w.1, "gate|up weight")?;
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(rows * inter)? };
+            let func = dev.get_or_load_custom_func(&format!("gemv_swiglu_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig { grid_dim: (inter as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let mut builder = func.builder();
+            builder.arg(&x_v);
+            builder.arg(&w_v);
+            builder.arg(&y);
+            candle_core::builder_arg!(builder, inter as u32, k as u32);
+            // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
+            // `cuda_decode::swiglu`.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, inter))))
+        }
+    }
+
+    cuda_op2!(GemvSwiglu, "tessera-gemv-swiglu");
+
+    /// The q|k|v product of the new token, RoPE, and the key/value write into the cache at
+    /// `pos`: inputs x `(rows, k)`, cos, sin; output q `(b, h, 1, hd)`. The weight and the cache
+    /// buffers are held; the buffers are written in place.
+    pub(super) struct GemvRope {
+        pub w: Tensor,
+        pub k: Tensor,
+        pub v: Tensor,
+        pub dims: Dims,
+        pub pos: usize,
+        pub rows: usize,
+        pub kdim: usize,
+    }
+
+    impl GemvRope {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(
+            &self,
+            x: (&CudaStorage, &Layout),
+            cos: (&CudaStorage, &Layout),
+            sin: (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let Dims { heads: h, kv_heads: kvh, head_dim: hd, max_len } = self.dims;
+            let (b, kdim) = (self.rows, self.kdim);
+            let dev = x.0.device().clone();
+            let (ws, wl) = held(&self.w)?;
+            let (ks, kl) = held(&self.k)?;
+            let (vs, vl) = held(&self.v)?;
+            let w = view::<T>(cuda(&ws), wl, "q|k|v weight")?;
+            let k = view::<T>(cuda(&ks), kl, "key cache")?;
+            let v = view::<T>(cuda(&vs), vl, "value cache")?;
+            let x_v = view::<T>(x.0, x.1, "gemv input")?;
+            let cos_v = view::<T>(cos.0, cos.1, "cos")?;
+            let sin_v = view::<T>(sin.0, sin.1, "sin")?;
+            // SAFETY: every element is written by the kernel.
+            let q = unsafe { dev.alloc::<T>(b * h * hd)? };
+            let func = dev.get_or_load_custom_func(&format!("gemv_rope_{}_{b}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let blocks = ((h + 2 * kvh) * hd / 2) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let mut builder = func.builder();
+            builder.arg(&x_v);
+            builder.arg(&w);
+            builder.arg(&cos_v);
+            builder.arg(&sin_v);
+            builder.arg(&q);
+            // The cache is written through these views, as in RopeAppend.
+            builder.arg(&k);
+            builder.arg(&v);
+            candle_core::builder_arg!(builder, h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32, kdim as u32);
+            // SAFETY: arguments match the kernel's signature; the product's sizes and alignment
+            // checked by `cuda_decode::gemv_shape`, the cache's by the caller.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok((T::wrap_cuda_slice(q, dev), Shape::from((b, h, 1, hd))))
+        }
+    }
+
+    cuda_op3!(GemvRope, "tessera-gemv-rope");
+
+    /// A block's output projection, the residual add and the next RMSNorm: inputs x `(rows, k)`,
+    /// the weight `(n, k)`, the residual stream `(rows, n)`; the norm's weight `g` is held.
+    /// Output `(2, rows, n)`: the new residual stream, then its norm.
+    pub(super) struct GemvAddNorm {
+        pub g: Tensor,
+        pub rows: usize,
+        pub n: usize,
+        pub k: usize,
+        pub eps: f32,
+    }
+
+    impl GemvAddNorm {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(
+            &self,
+            x: (&CudaStorage, &Layout),
+            w: (&CudaStorage, &Layout),
+            resid: (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let (rows, n, k) = (self.rows, self.n, self.k);
+            let dev = x.0.device().clone();
+            let (gs, gl) = held(&self.g)?;
+            let g = view::<T>(cuda(&gs), gl, "norm weight")?;
+            let x_v = view::<T>(x.0, x.1, "gemv input")?;
+            let w_v = view::<T>(w.0, w.1, "projection weight")?;
+            let r_v = view::<T>(resid.0, resid.1, "residual stream")?;
+            // SAFETY: every element is written by the kernel (the squares before they are read).
+            let out = unsafe { dev.alloc::<T>(2 * rows * n)? };
+            let sq = unsafe { dev.alloc::<f32>(rows * n)? };
+            let func = dev.get_or_load_custom_func(&format!("gemv_add_norm_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
+            let (sum, normed) = (out.slice(0..rows * n), out.slice(rows * n..2 * rows * n));
+            let mut builder = func.builder();
+            builder.arg(&x_v);
+            builder.arg(&w_v);
+            builder.arg(&r_v);
+            builder.arg(&g);
+            builder.arg(&sum);
+            builder.arg(&normed);
+            builder.arg(&sq);
+            candle_core::builder_arg!(builder, n as u32, k as u32, self.eps);
+            // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
+            // `cuda_decode::gemv_add_norm`.
+            unsafe { builder.launch(cfg) }.w()?;
+            drop((sum, normed));
+            Ok((T::wrap_cuda_slice(out, dev), Shape::from((2, rows, n))))
+        }
+    }
+
+    cuda_op3!(GemvAddNorm, "tessera-gemv-add-norm");
 
     /// `silu(gate) * up` of `(.., 2 inter)`; output `(.., inter)`.
     pub(super) struct SiluMul;

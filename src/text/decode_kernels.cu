@@ -10,6 +10,11 @@
 //
 // gemv: the linear layers of a decode step (a few rows against a weight), in place of cuBLAS's
 //   GEMM (and its split-K reduction) where that is slower.
+// gemv_swiglu: the gate|up projection and SwiGLU in one launch (replaces gemv + silu_mul).
+// gemv_rope: the q|k|v projection, RoPE and the cache write in one launch (replaces gemv +
+//   rope_append).
+// gemv_add_norm: an output projection (o_proj, down_proj), the residual add and the next
+//   RMSNorm in one launch (replaces gemv + add_rms_norm).
 // add_rms_norm: the residual add and the RMSNorm that follows it (replaces an add and a norm).
 // silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
 //   strided SiLU and a multiply).
@@ -216,44 +221,186 @@ __device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, __half) {
   return acc;
 }
 
-template <typename T, int M>
-__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, uint32_t n, uint32_t k) {
-  __shared__ float part[GEMV_THREADS / 32][M];
-  const uint32_t row = blockIdx.x;
+// The dot products of R weight rows (`wrow`, rows of w (., k)) with the M rows of x (M, k), left
+// in shared memory, res[r][m], for the whole block. Each sum is accumulated per thread in a fixed order, then
+// over the lanes of a warp and over the warps in a fixed order, so results do not depend on R.
+template <typename T, int M, int R>
+__device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__restrict__ w, const uint32_t (&wrow)[R],
+                                          uint32_t k, float (&res)[R][M]) {
+  __shared__ float part[GEMV_THREADS / 32][R][M];
   const uint32_t vecs = k / (16 / sizeof(T));  // 16-byte vectors per row
-  const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * k);
   const uint4 *xr = reinterpret_cast<const uint4 *>(x);
-  float acc[M];
+  const uint4 *wr[R];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint4 *>(w + (size_t)wrow[r] * k);
+  float acc[R][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
   uint32_t i = threadIdx.x;
   for (; i + GEMV_THREADS * (GEMV_UNROLL - 1) < vecs; i += GEMV_THREADS * GEMV_UNROLL) {
-    uint4 wv[GEMV_UNROLL];
+    uint4 wv[R][GEMV_UNROLL];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = load_stream(wr + i + GEMV_THREADS * u);
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int u = 0; u < GEMV_UNROLL; ++u) wv[r][u] = load_stream(wr[r] + i + GEMV_THREADS * u);
 #pragma unroll
     for (int u = 0; u < GEMV_UNROLL; ++u)
 #pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv[u], __ldg(xr + (size_t)m * vecs + i + GEMV_THREADS * u), T());
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = __ldg(xr + (size_t)m * vecs + i + GEMV_THREADS * u);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r][u], xv, T());
+      }
   }
   for (; i < vecs; i += GEMV_THREADS) {
-    const uint4 wv = load_stream(wr + i);
+    uint4 wv[R];
 #pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = dot16(acc[m], wv, __ldg(xr + (size_t)m * vecs + i), T());
+    for (int r = 0; r < R; ++r) wv[r] = load_stream(wr[r] + i);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const uint4 xv = __ldg(xr + (size_t)m * vecs + i);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r], xv, T());
+    }
   }
   const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (lane == 0) part[warp][m] = v;
-  }
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == 0) part[warp][r][m] = v;
+    }
   __syncthreads();
-  if (threadIdx.x < M) {
+  if (threadIdx.x < R * M) {
+    const uint32_t r = threadIdx.x / M, m = threadIdx.x % M;
     float v = 0.f;
 #pragma unroll
-    for (int p = 0; p < GEMV_THREADS / 32; ++p) v += part[p][threadIdx.x];
-    y[(size_t)threadIdx.x * n + row] = fromf<T>(v);
+    for (int p = 0; p < GEMV_THREADS / 32; ++p) v += part[p][r][m];
+    res[r][m] = v;
   }
+  __syncthreads();
+}
+
+// y (M, n) = x (M, k) . w (n, k)^T; one block per output feature.
+template <typename T, int M>
+__device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, uint32_t n, uint32_t k) {
+  const uint32_t row = blockIdx.x;
+  const uint32_t wrow[1] = {row};
+  __shared__ float res[1][M];
+  gemv_dots<T, M, 1>(x, w, wrow, k, res);
+  if (threadIdx.x < M) y[(size_t)threadIdx.x * n + row] = fromf<T>(res[0][threadIdx.x]);
+}
+
+// SwiGLU straight from the fused gate|up weight w (2 inter, k): y (M, inter) = silu(x . gate^T)
+// * (x . up^T), block j reading gate row j and up row inter + j. Both products are rounded to T
+// first, as gemv then silu_mul does.
+template <typename T, int M>
+__device__ void gemv_swiglu(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, uint32_t inter,
+                            uint32_t k) {
+  const uint32_t j = blockIdx.x;
+  const uint32_t wrow[2] = {j, inter + j};
+  __shared__ float res[2][M];
+  gemv_dots<T, M, 2>(x, w, wrow, k, res);
+  if (threadIdx.x < M) {
+    const float g = round_t<T>(res[0][threadIdx.x]);
+    const float u = round_t<T>(res[1][threadIdx.x]);
+    y[(size_t)threadIdx.x * inter + j] = fromf<T>(round_t<T>(g / (1.f + expf(-g))) * u);
+  }
+}
+
+// The fused q|k|v projection with RoPE and the cache write: w ((h + 2 kvh) hd, k); block
+// (head, i) computes features i and i + hd / 2 of that head for the M rows (rounded to T, as the
+// projection's output is), then does what rope_append does with them.
+template <typename T, int M>
+__device__ void gemv_rope(const T *__restrict__ x, const T *__restrict__ w, const T *cos, const T *sin, T *q_out,
+                          T *k_cache, T *v_cache, uint32_t h, uint32_t kvh, uint32_t hd, uint32_t max_len,
+                          uint32_t pos, uint32_t k) {
+  const uint32_t half = hd / 2;
+  const uint32_t head = blockIdx.x / half, i = blockIdx.x % half;
+  const uint32_t wrow[2] = {head * hd + i, head * hd + i + half};
+  __shared__ float res[2][M];
+  gemv_dots<T, M, 2>(x, w, wrow, k, res);
+  if (threadIdx.x >= M) return;
+  const uint32_t row = threadIdx.x;
+  const T x1 = fromf<T>(res[0][row]);
+  const T x2 = fromf<T>(res[1][row]);
+  if (head >= h + kvh) {  // value: copied as is
+    T *dst = v_cache + (((size_t)row * kvh + (head - h - kvh)) * max_len + pos) * hd;
+    dst[i] = x1;
+    dst[i + half] = x2;
+    return;
+  }
+  const T c = cos[(size_t)row * half + i];
+  const T s = sin[(size_t)row * half + i];
+  const T y1 = x1 * c - x2 * s;
+  const T y2 = x1 * s + x2 * c;
+  T *dst = head < h ? q_out + ((size_t)row * h + head) * hd
+                    : k_cache + (((size_t)row * kvh + (head - h)) * max_len + pos) * hd;
+  dst[i] = y1;
+  dst[i + half] = y2;
+}
+
+// A load that bypasses L1 (data another block wrote during this launch).
+__device__ __forceinline__ float ldcg_f(const float *p) { return __ldcg(p); }
+__device__ __forceinline__ float ldcg_f(const __nv_bfloat16 *p) {
+  return tof(__ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short *>(p))));
+}
+__device__ __forceinline__ float ldcg_f(const __half *p) {
+  return tof(__ushort_as_half(__ldcg(reinterpret_cast<const unsigned short *>(p))));
+}
+
+// Blocks of the running gemv_add_norm launch that have finished their feature; the last one
+// resets it, so every launch starts from zero (launches on a stream never overlap).
+__device__ unsigned int gemv_add_norm_done = 0;
+
+// A block's output projection, the residual add and the next RMSNorm in one launch:
+// p = x (M, k) . w (n, k)^T rounded to T (what gemv stores), sum = resid + p rounded to T
+// (written to sum_out, (M, n)), then normed = RMSNorm(sum) * g, written to normed_out (M, n)
+// as add_rms_norm computes it. One block per output feature as in gemv; each also leaves its
+// features' squares in sq (M, n floats), and the block that finishes last reduces them in a
+// fixed order (so results do not depend on which block that is) and writes every normed value.
+template <typename T, int M>
+__device__ void gemv_add_norm(const T *__restrict__ x, const T *__restrict__ w, const T *resid, const T *g,
+                              T *sum_out, T *normed_out, float *sq, uint32_t n, uint32_t k, float eps) {
+  __shared__ float res[1][M];
+  __shared__ float red[GEMV_THREADS / 32];
+  __shared__ bool last;
+  const uint32_t j = blockIdx.x;
+  const uint32_t wrow[1] = {j};
+  gemv_dots<T, M, 1>(x, w, wrow, k, res);
+  if (threadIdx.x < M) {
+    const size_t at = (size_t)threadIdx.x * n + j;
+    const T s = fromf<T>(tof(resid[at]) + round_t<T>(res[0][threadIdx.x]));
+    sum_out[at] = s;
+    sq[at] = tof(s) * tof(s);
+    __threadfence();  // visible to the last block before this block counts itself done
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&gemv_add_norm_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int m = 0; m < M; ++m) {
+    float ss = 0.f;
+    for (uint32_t c = threadIdx.x; c < n; c += GEMV_THREADS) ss += __ldcg(sq + (size_t)m * n + c);
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    ss = 0.f;
+#pragma unroll
+    for (int p = 0; p < GEMV_THREADS / 32; ++p) ss += red[p];
+    __syncthreads();  // `red` is reused by the next row
+    const float scale = rsqrtf(ss / n + eps);
+    for (uint32_t c = threadIdx.x; c < n; c += GEMV_THREADS) {
+      const size_t at = (size_t)m * n + c;
+      normed_out[at] = fromf<T>(scale * ldcg_f(sum_out + at) * tof(g[c]));
+    }
+  }
+  if (threadIdx.x == 0) gemv_add_norm_done = 0;
 }
 
 // x, p: (rows, d); w: (d). s = x + p rounded to T (written to sum_out), then RMSNorm of s:
@@ -301,6 +448,21 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
 #define GEMV_OP(T, SUFFIX, M)                                                                                  \
   extern "C" __global__ void gemv_##SUFFIX##_##M(const T *x, const T *w, T *y, uint32_t n, uint32_t k) {        \
     gemv<T, M>(x, w, y, n, k);                                                                                 \
+  }                                                                                                            \
+  extern "C" __global__ void gemv_swiglu_##SUFFIX##_##M(const T *x, const T *w, T *y, uint32_t inter,          \
+                                                        uint32_t k) {                                          \
+    gemv_swiglu<T, M>(x, w, y, inter, k);                                                                      \
+  }                                                                                                            \
+  extern "C" __global__ void gemv_rope_##SUFFIX##_##M(const T *x, const T *w, const T *cos, const T *sin,      \
+                                                      T *q_out, T *k_cache, T *v_cache, uint32_t h,            \
+                                                      uint32_t kvh, uint32_t hd, uint32_t max_len,             \
+                                                      uint32_t pos, uint32_t k) {                              \
+    gemv_rope<T, M>(x, w, cos, sin, q_out, k_cache, v_cache, h, kvh, hd, max_len, pos, k);                     \
+  }                                                                                                            \
+  extern "C" __global__ void gemv_add_norm_##SUFFIX##_##M(const T *x, const T *w, const T *resid, const T *g,  \
+                                                          T *sum_out, T *normed_out, float *sq, uint32_t n,    \
+                                                          uint32_t k, float eps) {                             \
+    gemv_add_norm<T, M>(x, w, resid, g, sum_out, normed_out, sq, n, k, eps);                                   \
   }
 #define GEMV_OPS(T, SUFFIX) \
   GEMV_OP(T, SUFFIX, 1)     \

@@ -138,6 +138,15 @@ impl Linear {
         }
     }
 
+    /// The dense weight `(out, in)` of a layer without a bias (what a fused GPU kernel can take
+    /// in place of [`Module::forward`]); `None` for CPU panels, quantized weights or a bias.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match (&self.weight, &self.bias) {
+            (Weight::Dense(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
     fn in_features(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.dim(1).unwrap_or(0),

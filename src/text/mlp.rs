@@ -1,4 +1,5 @@
-//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`Emu3MLP`).
+//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`Emu3MLP`), with `down` applied by the
+//! caller.
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -33,15 +34,27 @@ impl Mlp {
         })
     }
 
+    /// The output projection, which [`Mlp::forward`] leaves to the caller (the decoder folds it
+    /// into the residual add that follows).
+    pub fn down_proj(&self) -> &Linear {
+        &self.down_proj
+    }
+
+    /// `silu(gate(x)) * up(x)`, before `down_proj`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // A decode step on a GPU: the gate|up product and SwiGLU in one kernel.
+        if let Some(w) = self.gate_up_proj.dense_weight()
+            && let Some(h) = super::cuda_decode::swiglu(x, w)?
+        {
+            return Ok(h);
+        }
         let gu = self.gate_up_proj.forward(x)?;
-        let h = match super::cuda_decode::silu_mul(&gu)? {
-            Some(h) => h,
+        match super::cuda_decode::silu_mul(&gu)? {
+            Some(h) => Ok(h),
             None => {
                 let g = gu.narrow(D::Minus1, 0, self.intermediate)?.silu()?;
-                g.mul(&gu.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
+                g.mul(&gu.narrow(D::Minus1, self.intermediate, self.intermediate)?)
             }
-        };
-        self.down_proj.forward(&h)
+        }
     }
 }
