@@ -14,7 +14,7 @@
 # A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
 # shipped-model greedy codes are checked too.
 # Steps, most telling first: KERNELS=1 checks and times the kernels alone
-# (scripts/check_decode_kernels.py); the shipped model's greedy codes on B against transformers'
+# (scripts/check_decode_kernels.py; KERNEL_ARGS=--no-bench: checks only); the shipped model's greedy codes on B against transformers'
 # (f32) and A's (bf16/f16); the Emu3-Gen shape's step time (EMU3=1; the variants of EMU3_ORDER,
 # default "A B B A"); NCU=1 profiles a few Emu3-Gen decode steps of A and B with ncu (GPU time per
 # kernel against the wall time of a step); the judge on a bench sample with B (LIMIT per
@@ -52,7 +52,7 @@ record() { echo "$1" >> "$R"; echo "RESULT $1"; }
 
 if [ "${KERNELS:-1}" = 1 ] && [ "$DEV" = cuda ]; then
   echo "=== the kernels alone $(date +%T)"
-  timeout 240 python3 scripts/check_decode_kernels.py --out "$OUT/kernels.jsonl" || echo "KERNEL CHECK FAILED"
+  timeout 240 python3 scripts/check_decode_kernels.py --out "$OUT/kernels.jsonl" ${KERNEL_ARGS:-} || echo "KERNEL CHECK FAILED"
 fi
 
 echo "=== warm-up (PTX JIT) $(date +%T)"
