@@ -5,12 +5,10 @@
 #   events: TESSERA_CUDA_FUSED=0                          (cudarc's event tracking off only)
 #   cublas:  TESSERA_CUDA_GEMV_MAX=0                      (the fused kernels, every product by cuBLAS)
 #   small:   TESSERA_CUDA_GEMV_MAX=16777216 + unfused      (the GEMV kernel for weights up to 4096^2 only)
-#   unfused: TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_NORM_FUSED=0 (the GEMV for every product, RoPE,
-#            SwiGLU and add + RMSNorm each their own launch)
-#   proj:    TESSERA_CUDA_NORM_FUSED=0                    (+ RoPE and SwiGLU inside the q|k|v and
+#   unfused: TESSERA_CUDA_PROJ_FUSED=0                    (the GEMV for every product; RoPE and
+#            SwiGLU each their own launch)
+#   fused:   defaults                                     (+ RoPE and SwiGLU inside the q|k|v and
 #            gate|up GEMVs)
-#   fused:   defaults                                     (+ o_proj/down_proj, the residual add and
-#            the next RMSNorm in one GEMV launch)
 # A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
 # shipped-model greedy codes are checked too.
 # Steps, most telling first: KERNELS=1 checks and times the kernels alone
@@ -39,9 +37,8 @@ variant() {  # name -> environment
     base) echo "TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1" ;;
     events) echo "TESSERA_CUDA_FUSED=0" ;;
     cublas) echo "TESSERA_CUDA_GEMV_MAX=0" ;;
-    small) echo "TESSERA_CUDA_GEMV_MAX=16777216 TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_NORM_FUSED=0" ;;
-    unfused) echo "TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_NORM_FUSED=0" ;;
-    proj) echo "TESSERA_CUDA_NORM_FUSED=0" ;;
+    small) echo "TESSERA_CUDA_GEMV_MAX=16777216 TESSERA_CUDA_PROJ_FUSED=0" ;;
+    unfused) echo "TESSERA_CUDA_PROJ_FUSED=0" ;;
     fused) echo "TESSERA_CUDA_FUSED=1" ;;
   esac
 }

@@ -48,21 +48,15 @@ impl Attention {
         })
     }
 
-    /// The output projection, which [`Attention::forward`] leaves to the caller (the decoder
-    /// folds it into the residual add that follows).
-    pub fn o_proj(&self) -> &Linear {
-        &self.o_proj
-    }
-
-    /// The heads' outputs `(b, t, h hd)`, before `o_proj`. x `(b, t, d)`; cos/sin
-    /// `(b, t, hd/2)`; `mask` `(b, 1, t, kv_len)` additive, or, for the fused CUDA decode step
-    /// (see `Step`), each row's padding.
+    /// x `(b, t, d)`; cos/sin `(b, t, hd/2)`; `mask` `(b, 1, t, kv_len)` additive, or, for the
+    /// fused CUDA decode step (see `Step`), each row's padding.
     pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, step: &Step, cache: &mut LayerCache) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mask = match step {
             Step::Fused { pad } => {
-                return cuda_decode::attend(x, &self.qkv_proj, cos, sin, pad, cache, h, kvh, hd);
+                let y = cuda_decode::attend(x, &self.qkv_proj, cos, sin, pad, cache, h, kvh, hd)?;
+                return self.o_proj.forward(&y);
             }
             Step::Generic { mask } => mask.as_ref(),
         };
@@ -78,7 +72,7 @@ impl Attention {
         let n_rep = h / kvh;
         if t == 1
             && let Some(y) = single_query_cpu(&q, &k, &v, mask, n_rep)? {
-                return y.reshape((b, 1, h * hd));
+                return self.o_proj.forward(&y.reshape((b, 1, h * hd))?);
             }
         // GQA without copying the keys: query head `i` uses kv head `i / n_rep`, so the
         // (b, h, t, hd) queries are (b, kvh, n_rep * t, hd) in the same memory.
@@ -94,7 +88,8 @@ impl Attention {
         let dtype = att.dtype();
         let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
         let y = att.matmul(&v)?; // (b, kvh, n_rep * t, hd)
-        y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))
+        let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        self.o_proj.forward(&y)
     }
 }
 

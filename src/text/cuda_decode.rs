@@ -2,9 +2,10 @@
 //! Per layer: one launch adds the previous block's output to the residual stream and applies the
 //! RMSNorm (twice per layer); one does the q|k|v product, rotates the new queries and keys and
 //! writes the keys and values into the cache; one does the whole grouped-query attention of the
-//! new token; one does the gate|up product and SwiGLU's `silu(gate) * up`; and the other
-//! products run as a GEMV kernel (a few rows against a weight, in one launch where cuBLAS takes a
-//! split-K GEMM and a reduction). Seven launches per layer in place of about 25 candle ops.
+//! new token; one does the gate|up product and SwiGLU's `silu(gate) * up`; and `o_proj` and
+//! `down_proj` run as a GEMV kernel (a few rows against a weight, in one launch where cuBLAS
+//! takes a split-K GEMM and a reduction). Seven launches per layer in place of about 25 candle
+//! ops.
 //!
 //! Used when built with `cuda`, on a CUDA device, for f32/bf16/f16 weights, head dimensions of
 //! 32, 64 or 128 and caches short enough for the attention's shared memory (the GEMV: at most
@@ -196,37 +197,6 @@ pub fn add_rms_norm(x: &Tensor, pending: Option<&Tensor>, norm: &candle_nn::RmsN
     add_rms_norm_launch(x, pending, norm).map(Some)
 }
 
-/// `(resid + x . w^T, rms_norm(resid + x . w^T))`: a block's output projection (`o_proj`,
-/// `down_proj`), the residual add and the next RMSNorm in one GEMV kernel, when the product fits
-/// [`gemv`]; `None` otherwise (the caller projects, then calls [`add_rms_norm`]).
-pub fn gemv_add_norm(x: &Tensor, w: &Tensor, resid: &Tensor, norm: &candle_nn::RmsNorm) -> Result<Option<(Tensor, Tensor)>> {
-    if !norm_fused() {
-        return Ok(None);
-    }
-    let Some((rows, n, k)) = gemv_shape(x, w)? else {
-        return Ok(None);
-    };
-    let dtype = x.dtype();
-    let ok = resid.dtype() == dtype
-        && resid.is_contiguous()
-        && resid.elem_count() == rows * n
-        && resid.dim(candle_core::D::Minus1)? == n
-        && norm.weight().dtype() == dtype
-        && norm.weight().is_contiguous()
-        && norm.weight().elem_count() == n;
-    if !ok {
-        return Ok(None);
-    }
-    let out = gemv_add_norm_launch(x, w, resid, norm, rows, n, k)?;
-    let dims = resid.dims();
-    Ok(Some((out.get(0)?.reshape(dims)?, out.get(1)?.reshape(dims)?)))
-}
-
-fn norm_fused() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TESSERA_CUDA_NORM_FUSED").map(|v| v != "0").unwrap_or(true))
-}
-
 fn proj_fused() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TESSERA_CUDA_PROJ_FUSED").map(|v| v != "0").unwrap_or(true))
@@ -257,25 +227,6 @@ fn swiglu_launch(x: &Tensor, w: &Tensor, rows: usize, inter: usize, k: usize) ->
 #[cfg(not(feature = "cuda"))]
 fn swiglu_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
     candle_core::bail!("the fused SwiGLU GEMV needs a build with the `cuda` feature")
-}
-
-#[cfg(feature = "cuda")]
-fn gemv_add_norm_launch(
-    x: &Tensor,
-    w: &Tensor,
-    resid: &Tensor,
-    norm: &candle_nn::RmsNorm,
-    rows: usize,
-    n: usize,
-    k: usize,
-) -> Result<Tensor> {
-    let op = kernels::GemvAddNorm { g: norm.weight().clone(), rows, n, k, eps: norm.eps() as f32 };
-    x.apply_op3_no_bwd(w, resid, &op)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gemv_add_norm_launch(_: &Tensor, _: &Tensor, _: &Tensor, _: &candle_nn::RmsNorm, _: usize, _: usize, _: usize) -> Result<Tensor> {
-    candle_core::bail!("the fused projection + add + RMSNorm needs a build with the `cuda` feature")
 }
 
 #[cfg(feature = "cuda")]
@@ -628,55 +579,6 @@ mod kernels {
 
     cuda_op3!(GemvRope, "tessera-gemv-rope");
 
-    /// A block's output projection, the residual add and the next RMSNorm: inputs x `(rows, k)`,
-    /// the weight `(n, k)`, the residual stream `(rows, n)`; the norm's weight `g` is held.
-    /// Output `(2, rows, n)`: the new residual stream, then its norm.
-    pub(super) struct GemvAddNorm {
-        pub g: Tensor,
-        pub rows: usize,
-        pub n: usize,
-        pub k: usize,
-        pub eps: f32,
-    }
-
-    impl GemvAddNorm {
-        fn launch<T: CudaDType + DeviceRepr + WithDType>(
-            &self,
-            x: (&CudaStorage, &Layout),
-            w: (&CudaStorage, &Layout),
-            resid: (&CudaStorage, &Layout),
-        ) -> Result<(CudaStorage, Shape)> {
-            let (rows, n, k) = (self.rows, self.n, self.k);
-            let dev = x.0.device().clone();
-            let (gs, gl) = held(&self.g)?;
-            let g = view::<T>(cuda(&gs), gl, "norm weight")?;
-            let x_v = view::<T>(x.0, x.1, "gemv input")?;
-            let w_v = view::<T>(w.0, w.1, "projection weight")?;
-            let r_v = view::<T>(resid.0, resid.1, "residual stream")?;
-            // SAFETY: every element is written by the kernel (the squares before they are read).
-            let out = unsafe { dev.alloc::<T>(2 * rows * n)? };
-            let sq = unsafe { dev.alloc::<f32>(rows * n)? };
-            let func = dev.get_or_load_custom_func(&format!("gemv_add_norm_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
-            let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let (sum, normed) = (out.slice(0..rows * n), out.slice(rows * n..2 * rows * n));
-            let mut builder = func.builder();
-            builder.arg(&x_v);
-            builder.arg(&w_v);
-            builder.arg(&r_v);
-            builder.arg(&g);
-            builder.arg(&sum);
-            builder.arg(&normed);
-            builder.arg(&sq);
-            candle_core::builder_arg!(builder, n as u32, k as u32, self.eps);
-            // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
-            // `cuda_decode::gemv_add_norm`.
-            unsafe { builder.launch(cfg) }.w()?;
-            drop((sum, normed));
-            Ok((T::wrap_cuda_slice(out, dev), Shape::from((2, rows, n))))
-        }
-    }
-
-    cuda_op3!(GemvAddNorm, "tessera-gemv-add-norm");
 
     /// `silu(gate) * up` of `(.., 2 inter)`; output `(.., inter)`.
     pub(super) struct SiluMul;

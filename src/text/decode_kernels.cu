@@ -13,8 +13,6 @@
 // gemv_swiglu: the gate|up projection and SwiGLU in one launch (replaces gemv + silu_mul).
 // gemv_rope: the q|k|v projection, RoPE and the cache write in one launch (replaces gemv +
 //   rope_append).
-// gemv_add_norm: an output projection (o_proj, down_proj), the residual add and the next
-//   RMSNorm in one launch (replaces gemv + add_rms_norm).
 // add_rms_norm: the residual add and the RMSNorm that follows it (replaces an add and a norm).
 // silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
 //   strided SiLU and a multiply).
@@ -343,66 +341,6 @@ __device__ void gemv_rope(const T *__restrict__ x, const T *__restrict__ w, cons
   dst[i + half] = y2;
 }
 
-// A load that bypasses L1 (data another block wrote during this launch).
-__device__ __forceinline__ float ldcg_f(const float *p) { return __ldcg(p); }
-__device__ __forceinline__ float ldcg_f(const __nv_bfloat16 *p) {
-  return tof(__ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short *>(p))));
-}
-__device__ __forceinline__ float ldcg_f(const __half *p) {
-  return tof(__ushort_as_half(__ldcg(reinterpret_cast<const unsigned short *>(p))));
-}
-
-// Blocks of the running gemv_add_norm launch that have finished their feature; the last one
-// resets it, so every launch starts from zero (launches on a stream never overlap).
-__device__ unsigned int gemv_add_norm_done = 0;
-
-// A block's output projection, the residual add and the next RMSNorm in one launch:
-// p = x (M, k) . w (n, k)^T rounded to T (what gemv stores), sum = resid + p rounded to T
-// (written to sum_out, (M, n)), then normed = RMSNorm(sum) * g, written to normed_out (M, n)
-// as add_rms_norm computes it. One block per output feature as in gemv; each also leaves its
-// features' squares in sq (M, n floats), and the block that finishes last reduces them in a
-// fixed order (so results do not depend on which block that is) and writes every normed value.
-template <typename T, int M>
-__device__ void gemv_add_norm(const T *__restrict__ x, const T *__restrict__ w, const T *resid, const T *g,
-                              T *sum_out, T *normed_out, float *sq, uint32_t n, uint32_t k, float eps) {
-  __shared__ float res[1][M];
-  __shared__ float red[GEMV_THREADS / 32];
-  __shared__ bool last;
-  const uint32_t j = blockIdx.x;
-  const uint32_t wrow[1] = {j};
-  gemv_dots<T, M, 1>(x, w, wrow, k, res);
-  if (threadIdx.x < M) {
-    const size_t at = (size_t)threadIdx.x * n + j;
-    const T s = fromf<T>(tof(resid[at]) + round_t<T>(res[0][threadIdx.x]));
-    sum_out[at] = s;
-    sq[at] = tof(s) * tof(s);
-    __threadfence();  // visible to the last block before this block counts itself done
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&gemv_add_norm_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int m = 0; m < M; ++m) {
-    float ss = 0.f;
-    for (uint32_t c = threadIdx.x; c < n; c += GEMV_THREADS) ss += __ldcg(sq + (size_t)m * n + c);
-    ss = warp_sum(ss);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    ss = 0.f;
-#pragma unroll
-    for (int p = 0; p < GEMV_THREADS / 32; ++p) ss += red[p];
-    __syncthreads();  // `red` is reused by the next row
-    const float scale = rsqrtf(ss / n + eps);
-    for (uint32_t c = threadIdx.x; c < n; c += GEMV_THREADS) {
-      const size_t at = (size_t)m * n + c;
-      normed_out[at] = fromf<T>(scale * ldcg_f(sum_out + at) * tof(g[c]));
-    }
-  }
-  if (threadIdx.x == 0) gemv_add_norm_done = 0;
-}
-
 // x, p: (rows, d); w: (d). s = x + p rounded to T (written to sum_out), then RMSNorm of s:
 // y = s * rsqrt(mean(s^2) + eps) * w in f32, rounded once (candle's rmsnorm kernel). With
 // p == nullptr, s = x and sum_out is not written. One block per row (blockDim a multiple of 32).
@@ -458,12 +396,8 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
                                                       uint32_t kvh, uint32_t hd, uint32_t max_len,             \
                                                       uint32_t pos, uint32_t k) {                              \
     gemv_rope<T, M>(x, w, cos, sin, q_out, k_cache, v_cache, h, kvh, hd, max_len, pos, k);                     \
-  }                                                                                                            \
-  extern "C" __global__ void gemv_add_norm_##SUFFIX##_##M(const T *x, const T *w, const T *resid, const T *g,  \
-                                                          T *sum_out, T *normed_out, float *sq, uint32_t n,    \
-                                                          uint32_t k, float eps) {                             \
-    gemv_add_norm<T, M>(x, w, resid, g, sum_out, normed_out, sq, n, k, eps);                                   \
   }
+
 #define GEMV_OPS(T, SUFFIX) \
   GEMV_OP(T, SUFFIX, 1)     \
   GEMV_OP(T, SUFFIX, 2)     \

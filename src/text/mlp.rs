@@ -1,5 +1,4 @@
-//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`Emu3MLP`), with `down` applied by the
-//! caller.
+//! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`Emu3MLP`).
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -34,14 +33,12 @@ impl Mlp {
         })
     }
 
-    /// The output projection, which [`Mlp::forward`] leaves to the caller (the decoder folds it
-    /// into the residual add that follows).
-    pub fn down_proj(&self) -> &Linear {
-        &self.down_proj
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&self.swiglu(x)?)
     }
 
-    /// `silu(gate(x)) * up(x)`, before `down_proj`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `silu(gate(x)) * up(x)`.
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         // A decode step on a GPU: the gate|up product and SwiGLU in one kernel.
         if let Some(w) = self.gate_up_proj.dense_weight()
             && let Some(h) = super::cuda_decode::swiglu(x, w)?

@@ -7,7 +7,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use super::attention::{Attention, Step};
 use super::cache::Cache;
 use super::cuda_decode;
-use super::linear::{CpuWeights, Linear as ProjLinear};
+use super::linear::CpuWeights;
 use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
 use crate::config::TextConfig;
@@ -32,29 +32,13 @@ impl DecoderLayer {
     }
 }
 
-/// A block's output before its output projection (`o_proj`, `down_proj`), which joins the
-/// residual stream at the next norm.
-type Pending<'a> = Option<(&'a ProjLinear, Tensor)>;
-
-/// `x + proj(y)` (with a pending block output `(proj, y)`) and its RMSNorm: `(sum, normed)`. On
-/// a GPU the projection, the add and the norm are one kernel (`cuda_decode::gemv_add_norm`), or
-/// the add and the norm are (`cuda_decode::add_rms_norm`); candle's ops elsewhere.
-fn add_norm(norm: &RmsNorm, x: Tensor, pending: Pending) -> Result<(Tensor, Tensor)> {
-    let p = match pending {
-        Some((proj, y)) => {
-            if let Some(w) = proj.dense_weight()
-                && let Some(r) = cuda_decode::gemv_add_norm(&y, w, &x, norm)?
-            {
-                return Ok(r);
-            }
-            Some(proj.forward(&y)?)
-        }
-        None => None,
-    };
-    if let Some(r) = cuda_decode::add_rms_norm(&x, p.as_ref(), norm)? {
+/// `x + pending` (a block's output, when there is one) and its RMSNorm: `(sum, normed)`. One
+/// kernel on a GPU (`cuda_decode::add_rms_norm`); candle's add and norm elsewhere.
+fn add_norm(norm: &RmsNorm, x: Tensor, pending: Option<Tensor>) -> Result<(Tensor, Tensor)> {
+    if let Some(r) = cuda_decode::add_rms_norm(&x, pending.as_ref(), norm)? {
         return Ok(r);
     }
-    let x = match p {
+    let x = match pending {
         Some(p) => (x + p)?,
         None => x,
     };
@@ -153,15 +137,14 @@ impl Emu3TextModel {
         } else {
             Step::Generic { mask: cache.mask(t, &self.device)?.map(|m| m.to_dtype(self.dtype)).transpose()? }
         };
-        // Each block's output is projected and added to the residual stream by the next norm
-        // (`add_norm`).
+        // Each block's output is added to the residual stream by the next norm (`add_norm`).
         let mut x = self.embed_tokens.forward(ids)?;
         let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let (sum, h) = add_norm(&layer.input_layernorm, x, pending.take())?;
             let a = layer.self_attn.forward(&h, &cos, &sin, &step, cache.layer_mut(i))?;
-            let (sum, h) = add_norm(&layer.post_attention_layernorm, sum, Some((layer.self_attn.o_proj(), a)))?;
-            pending = Some((layer.mlp.down_proj(), layer.mlp.forward(&h)?));
+            let (sum, h) = add_norm(&layer.post_attention_layernorm, sum, Some(a))?;
+            pending = Some(layer.mlp.forward(&h)?);
             x = sum;
         }
         cache.advance(t);
