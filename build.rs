@@ -17,6 +17,8 @@ fn main() {
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    // The launch code uses programmatic dependent launch only for kernels built for 9.0+.
+    println!("cargo::rustc-env=TESSERA_CUDA_CAP={cap}");
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR")).join("decode_kernels.ptx");
     let status = Command::new(&nvcc)
         .args(["-ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), src, "-o"])

@@ -9,6 +9,8 @@
 #            SwiGLU each their own launch)
 #   fused:   defaults                                     (+ RoPE and SwiGLU inside the q|k|v and
 #            gate|up GEMVs)
+#   pdl:     TESSERA_CUDA_PDL=1                           (+ programmatic dependent launch: each
+#            kernel may start while the previous one finishes)
 # A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
 # shipped-model greedy codes are checked too.
 # Steps, most telling first: KERNELS=1 checks and times the kernels alone
@@ -40,6 +42,7 @@ variant() {  # name -> environment
     small) echo "TESSERA_CUDA_GEMV_MAX=16777216 TESSERA_CUDA_PROJ_FUSED=0" ;;
     unfused) echo "TESSERA_CUDA_PROJ_FUSED=0" ;;
     fused) echo "TESSERA_CUDA_FUSED=1" ;;
+    pdl) echo "TESSERA_CUDA_PDL=1" ;;
   esac
 }
 gen() {  # variant, then gen arguments; prints the JSON

@@ -13,7 +13,9 @@
 //! candle's ops. `TESSERA_CUDA_FUSED=0` turns it all off, `TESSERA_CUDA_GEMV_MAX` sets the
 //! GEMV's largest weight (0: cuBLAS for every product) and `TESSERA_CUDA_PROJ_FUSED=0` keeps the
 //! q|k|v and gate|up products apart from RoPE and SwiGLU (for before/after measurements in one
-//! binary);
+//! binary), and `TESSERA_CUDA_PDL=1` launches the kernels with programmatic dependent launch
+//! (compute capability 9.0+: each kernel may start while the one before it finishes; off until
+//! measured);
 //! `scripts/check_decode_kernels.py` checks each kernel against a float64 reference on a GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -267,7 +269,11 @@ struct Dims {
 #[cfg(feature = "cuda")]
 mod kernels {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, sys,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
 
@@ -307,6 +313,104 @@ mod kernels {
             Storage::Cuda(c) => c,
             _ => unreachable!("checked by held()"),
         }
+    }
+
+    /// Launch `$func` with `$cfg`: the pointer arguments (views, slices), then the scalars, as
+    /// every kernel here takes them. With programmatic dependent launch on ([`pdl`]) the launch
+    /// goes through `cuLaunchKernelEx` with that attribute; otherwise through candle's builder.
+    /// Used inside an `unsafe` contract: the arguments must match the kernel's signature.
+    macro_rules! launch {
+        ($dev:expr, $func:expr, $cfg:expr, [$($ptr:expr),* $(,)?], [$($scalar:expr),* $(,)?]) => {{
+            let cfg: LaunchConfig = $cfg;
+            if pdl() {
+                let stream = $dev.cuda_stream();
+                let mut raw: Vec<u64> = vec![$(RawArg::raw($ptr, &stream),)* $(RawArg::raw(&$scalar, &stream),)*];
+                // SAFETY: the caller's, as for the builder below.
+                unsafe { launch_pdl(&$func.into_cuda_function(), cfg, &mut raw, &stream) }?;
+            } else {
+                let mut builder = $func.builder();
+                $( builder.arg($ptr); )*
+                candle_core::builder_arg!(builder, $($scalar),*);
+                // SAFETY: the caller's.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+        }};
+    }
+
+    /// Whether launches use programmatic dependent launch: `TESSERA_CUDA_PDL=1` and kernels
+    /// built for compute capability 9.0 or newer (`griddepcontrol`; such PTX loads on no older
+    /// GPU). Off by default until measured on a GPU.
+    fn pdl() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            let cap: u32 = option_env!("TESSERA_CUDA_CAP").and_then(|c| c.parse().ok()).unwrap_or(0);
+            cap >= 90 && std::env::var("TESSERA_CUDA_PDL").is_ok_and(|v| v == "1")
+        })
+    }
+
+    /// A kernel argument as `cuLaunchKernelEx` reads it: the value in the first bytes of an
+    /// 8-byte slot (the driver reads the parameter's own size; the host is little-endian).
+    trait RawArg {
+        fn raw(&self, stream: &Arc<CudaStream>) -> u64;
+    }
+
+    impl<T> RawArg for CudaView<'_, T> {
+        fn raw(&self, stream: &Arc<CudaStream>) -> u64 {
+            self.device_ptr(stream).0
+        }
+    }
+
+    impl<T> RawArg for CudaSlice<T> {
+        fn raw(&self, stream: &Arc<CudaStream>) -> u64 {
+            self.device_ptr(stream).0
+        }
+    }
+
+    impl RawArg for u32 {
+        fn raw(&self, _: &Arc<CudaStream>) -> u64 {
+            u64::from(*self)
+        }
+    }
+
+    impl RawArg for f32 {
+        fn raw(&self, _: &Arc<CudaStream>) -> u64 {
+            u64::from(self.to_bits())
+        }
+    }
+
+    impl RawArg for u64 {
+        fn raw(&self, _: &Arc<CudaStream>) -> u64 {
+            *self
+        }
+    }
+
+    /// `cuLaunchKernelEx` with programmatic stream serialization allowed: the kernel may start
+    /// while the previous one in the stream finishes (each kernel waits for it with
+    /// `griddepcontrol.wait` before touching memory; see decode_kernels.cu).
+    ///
+    /// # Safety
+    /// `raw` must hold the kernel's arguments, in order.
+    unsafe fn launch_pdl(func: &CudaFunction, cfg: LaunchConfig, raw: &mut [u64], stream: &Arc<CudaStream>) -> Result<()> {
+        stream.context().bind_to_thread().w()?;
+        let mut params: Vec<*mut std::ffi::c_void> = raw.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+        // SAFETY: a plain C struct; zero is a valid bit pattern for each field.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `params` points at `raw`, alive for the call; the caller vouches for them.
+        unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result().w()
     }
 
     /// `CustomOp3` for an op with a `launch::<T>(a, b, c)` per dtype: CUDA only, f32/bf16/f16.
@@ -387,18 +491,11 @@ mod kernels {
             let q = unsafe { dev.alloc::<T>(b * h * hd)? };
             let func = dev.get_or_load_custom_func(&format!("rope_append_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let n = (b * (h + 2 * kvh) * hd / 2) as u32;
-            let mut builder = func.builder();
-            builder.arg(&qkv_v);
-            builder.arg(&cos_v);
-            builder.arg(&sin_v);
-            builder.arg(&q);
-            // The cache is written through these views: the op owns the step, nothing else
+            // The cache is written through the k and v views: the op owns the step, nothing else
             // reads the buffers until the stream reaches the attention launch.
-            builder.arg(&k);
-            builder.arg(&v);
-            candle_core::builder_arg!(builder, b as u32, h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32);
             // SAFETY: arguments match the kernel's signature; sizes checked by the caller.
-            unsafe { builder.launch(LaunchConfig::for_num_elems(n)) }.w()?;
+            launch!(dev, func, LaunchConfig::for_num_elems(n), [&qkv_v, &cos_v, &sin_v, &q, &k, &v],
+                [b as u32, h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32]);
             Ok((T::wrap_cuda_slice(q, dev), Shape::from((b, h, 1, hd))))
         }
     }
@@ -435,15 +532,9 @@ mod kernels {
             let func = dev.get_or_load_custom_func(&format!("decode_attention_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let shared = ((self.kv_len + 33 * hd + 32) * 4) as u32;
             let cfg = LaunchConfig { grid_dim: ((b * h) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared };
-            let mut builder = func.builder();
-            builder.arg(&q_v);
-            builder.arg(&k_v);
-            builder.arg(&v_v);
-            builder.arg(&pad);
-            builder.arg(&out);
-            candle_core::builder_arg!(builder, h as u32, kvh as u32, hd as u32, max_len as u32, self.kv_len as u32, scale);
             // SAFETY: arguments match the kernel's signature; shared memory checked by usable().
-            unsafe { builder.launch(cfg) }.w()?;
+            launch!(dev, func, cfg, [&q_v, &k_v, &v_v, &pad, &out],
+                [h as u32, kvh as u32, hd as u32, max_len as u32, self.kv_len as u32, scale]);
             Ok((T::wrap_cuda_slice(out, dev), Shape::from((b, h, 1, hd))))
         }
     }
@@ -473,14 +564,9 @@ mod kernels {
             let y = unsafe { dev.alloc::<T>(rows * n)? };
             let func = dev.get_or_load_custom_func(&format!("gemv_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let mut builder = func.builder();
-            builder.arg(&x_v);
-            builder.arg(&w_v);
-            builder.arg(&y);
-            candle_core::builder_arg!(builder, n as u32, k as u32);
             // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
             // `cuda_decode::gemv`.
-            unsafe { builder.launch(cfg) }.w()?;
+            launch!(dev, func, cfg, [&x_v, &w_v, &y], [n as u32, k as u32]);
             Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, n))))
         }
     }
@@ -509,14 +595,9 @@ mod kernels {
             let y = unsafe { dev.alloc::<T>(rows * inter)? };
             let func = dev.get_or_load_custom_func(&format!("gemv_swiglu_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let cfg = LaunchConfig { grid_dim: (inter as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let mut builder = func.builder();
-            builder.arg(&x_v);
-            builder.arg(&w_v);
-            builder.arg(&y);
-            candle_core::builder_arg!(builder, inter as u32, k as u32);
             // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
             // `cuda_decode::swiglu`.
-            unsafe { builder.launch(cfg) }.w()?;
+            launch!(dev, func, cfg, [&x_v, &w_v, &y], [inter as u32, k as u32]);
             Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, inter))))
         }
     }
@@ -560,19 +641,11 @@ mod kernels {
             let func = dev.get_or_load_custom_func(&format!("gemv_rope_{}_{b}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let blocks = ((h + 2 * kvh) * hd / 2) as u32;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let mut builder = func.builder();
-            builder.arg(&x_v);
-            builder.arg(&w);
-            builder.arg(&cos_v);
-            builder.arg(&sin_v);
-            builder.arg(&q);
-            // The cache is written through these views, as in RopeAppend.
-            builder.arg(&k);
-            builder.arg(&v);
-            candle_core::builder_arg!(builder, h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32, kdim as u32);
+            // The cache is written through the k and v views, as in RopeAppend.
             // SAFETY: arguments match the kernel's signature; the product's sizes and alignment
             // checked by `cuda_decode::gemv_shape`, the cache's by the caller.
-            unsafe { builder.launch(cfg) }.w()?;
+            launch!(dev, func, cfg, [&x_v, &w, &cos_v, &sin_v, &q, &k, &v],
+                [h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32, kdim as u32]);
             Ok((T::wrap_cuda_slice(q, dev), Shape::from((b, h, 1, hd))))
         }
     }
@@ -593,12 +666,8 @@ mod kernels {
             // SAFETY: every element is written by the kernel.
             let out = unsafe { dev.alloc::<T>(rows * inter)? };
             let func = dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
-            let mut builder = func.builder();
-            builder.arg(&gu_v);
-            builder.arg(&out);
-            candle_core::builder_arg!(builder, rows as u32, inter as u32);
             // SAFETY: arguments match the kernel's signature.
-            unsafe { builder.launch(LaunchConfig::for_num_elems((rows * inter) as u32)) }.w()?;
+            launch!(dev, func, LaunchConfig::for_num_elems((rows * inter) as u32), [&gu_v, &out], [rows as u32, inter as u32]);
             let mut out_dims = dims.to_vec();
             *out_dims.last_mut().expect("rank >= 1") = inter;
             Ok((T::wrap_cuda_slice(out, dev), Shape::from(out_dims)))
@@ -656,20 +725,12 @@ mod kernels {
             let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             let null: u64 = 0;
             let (sum, normed) = (out.slice(0..rows * d), out.slice((parts - 1) * rows * d..parts * rows * d));
-            let mut builder = func.builder();
-            builder.arg(&x_v);
-            match &p_v {
-                Some(p) => builder.arg(p),
-                None => builder.arg(&null),
-            };
-            builder.arg(&w_v);
-            builder.arg(&sum);
-            builder.arg(&normed);
-            candle_core::builder_arg!(builder, d as u32, self.eps);
             // SAFETY: arguments match the kernel's signature; shapes checked by
             // `cuda_decode::add_rms_norm`.
-            unsafe { builder.launch(cfg) }.w()?;
-            drop((sum, normed));
+            match &p_v {
+                Some(p) => launch!(dev, func, cfg, [&x_v, p, &w_v, &sum, &normed], [d as u32, self.eps]),
+                None => launch!(dev, func, cfg, [&x_v, &null, &w_v, &sum, &normed], [d as u32, self.eps]),
+            }
             let dims = if parts == 2 { [&[2], shape.dims()].concat() } else { shape.dims().to_vec() };
             Ok((T::wrap_cuda_slice(out, dev), Shape::from(dims)))
         }

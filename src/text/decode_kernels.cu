@@ -36,6 +36,23 @@ template <> __device__ __forceinline__ __half fromf<__half>(float x) { return __
 // Round a float to T and back: what storing an intermediate tensor of dtype T does.
 template <typename T> __device__ __forceinline__ float round_t(float x) { return tof(fromf<T>(x)); }
 
+// Programmatic dependent launch (compute capability 9.0+; no-ops before that, and when a kernel
+// was launched without the attribute). A kernel launched with it may start while the previous
+// kernel of the stream is still running: pdl_wait() returns once that kernel has finished and
+// its writes are visible, so every kernel calls it before reading any input or writing anything.
+// pdl_launch_dependents() lets the next kernel start launching once every block of this one has
+// called it (or exited).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // qkv: (b, (h + 2 kvh) * hd), the fused projection of the new token of each row.
 // cos, sin: (b, hd / 2) at each row's position.
 // q_out: (b, h, hd) rotated queries.
@@ -44,6 +61,8 @@ template <typename T> __device__ __forceinline__ float round_t(float x) { return
 template <typename T>
 __device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache,
                             uint32_t b, uint32_t h, uint32_t kvh, uint32_t hd, uint32_t max_len, uint32_t pos) {
+  pdl_launch_dependents();
+  pdl_wait();
   const uint32_t half = hd / 2;
   const uint32_t heads = h + 2 * kvh;
   const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
@@ -115,6 +134,8 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
   const uint32_t kv_head = head / (h / kvh);
   const T *keys = k_cache + ((size_t)row * kvh + kv_head) * max_len * hd;
   const T *values = v_cache + ((size_t)row * kvh + kv_head) * max_len * hd;
+  pdl_launch_dependents();  // its blocks all start at once: the next kernel may queue behind them
+  pdl_wait();
   const uint32_t first = pad[row];
 
   for (uint32_t d = threadIdx.x; d < hd; d += ATT_THREADS) qs[d] = tof(q[((size_t)row * h + head) * hd + d]);
@@ -231,6 +252,15 @@ __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__re
   const uint4 *wr[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint4 *>(w + (size_t)wrow[r] * k);
+  // The weights do not depend on the previous kernel: start pulling this block's first ones into
+  // L2 while it may still be running, then wait for it before reading x.
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u)
+      if (threadIdx.x + GEMV_THREADS * u < vecs)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + threadIdx.x + GEMV_THREADS * u));
+  pdl_wait();
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -263,6 +293,7 @@ __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__re
       for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r], xv, T());
     }
   }
+  pdl_launch_dependents();  // every weight of this block is read; the next kernel may launch
   const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -347,6 +378,8 @@ __device__ void gemv_rope(const T *__restrict__ x, const T *__restrict__ w, cons
 template <typename T>
 __device__ void add_rms_norm(const T *x, const T *p, const T *w, T *sum_out, T *y, uint32_t d, float eps) {
   __shared__ float red[32];
+  pdl_launch_dependents();
+  pdl_wait();
   const size_t base = (size_t)blockIdx.x * d;
   float ss = 0.f;
   for (uint32_t c = threadIdx.x; c < d; c += blockDim.x) {
@@ -375,6 +408,8 @@ __device__ void add_rms_norm(const T *x, const T *p, const T *w, T *sum_out, T *
 // output rounded to T as storing it would.
 template <typename T>
 __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
+  pdl_launch_dependents();
+  pdl_wait();
   const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= rows * inter) return;
   const uint32_t r = idx / inter, c = idx % inter;
