@@ -213,7 +213,7 @@ fn gemv_max_elements() -> usize {
 
 #[cfg(feature = "cuda")]
 fn gemv_launch(x: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, n, k })
+    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, out: n, k, swiglu: false })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -223,7 +223,7 @@ fn gemv_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<T
 
 #[cfg(feature = "cuda")]
 fn swiglu_launch(x: &Tensor, w: &Tensor, rows: usize, inter: usize, k: usize) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &kernels::GemvSwiglu { rows, inter, k })
+    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, out: inter, k, swiglu: true })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -541,11 +541,14 @@ mod kernels {
 
     cuda_op3!(Attention, "tessera-decode-attention");
 
-    /// `x (rows, k) . w (n, k)^T`: inputs x, w; output `(rows, n)`.
+    /// `x (rows, k) . w (n, k)^T`: inputs x, w; output `(rows, n)`. With `swiglu`, w is the
+    /// gate|up weight `(2 out, k)` and the output `(rows, out)` is `silu(x . gate^T) * (x . up^T)`.
     pub(super) struct Gemv {
         pub rows: usize,
-        pub n: usize,
+        /// Output features: n, or inter with `swiglu`.
+        pub out: usize,
         pub k: usize,
+        pub swiglu: bool,
     }
 
     const GEMV_THREADS: u32 = 128; // GEMV_THREADS in the kernel: one block per output feature
@@ -556,53 +559,23 @@ mod kernels {
             x: (&CudaStorage, &Layout),
             w: (&CudaStorage, &Layout),
         ) -> Result<(CudaStorage, Shape)> {
-            let (rows, n, k) = (self.rows, self.n, self.k);
+            let (rows, out, k) = (self.rows, self.out, self.k);
             let dev = x.0.device().clone();
             let x_v = view::<T>(x.0, x.1, "gemv input")?;
             let w_v = view::<T>(w.0, w.1, "gemv weight")?;
             // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(rows * n)? };
-            let func = dev.get_or_load_custom_func(&format!("gemv_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
-            let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
-            // `cuda_decode::gemv`.
-            launch!(dev, func, cfg, [&x_v, &w_v, &y], [n as u32, k as u32]);
-            Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, n))))
+            let y = unsafe { dev.alloc::<T>(rows * out)? };
+            let kernel = if self.swiglu { "gemv_swiglu" } else { "gemv" };
+            let func = dev.get_or_load_custom_func(&format!("{kernel}_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig { grid_dim: (out as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match the kernels' signatures; sizes and alignment checked by
+            // `cuda_decode::gemv_shape`.
+            launch!(dev, func, cfg, [&x_v, &w_v, &y], [out as u32, k as u32]);
+            Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, out))))
         }
     }
 
     cuda_op2!(Gemv, "tessera-gemv");
-
-    /// `silu(x . gate^T) * (x . up^T)`: inputs x, the gate|up weight `(2 inter, k)`; output
-    /// `(rows, inter)`.
-    pub(super) struct GemvSwiglu {
-        pub rows: usize,
-        pub inter: usize,
-        pub k: usize,
-    }
-
-    impl GemvSwiglu {
-        fn launch<T: CudaDType + DeviceRepr + WithDType>(
-            &self,
-            x: (&CudaStorage, &Layout),
-            w: (&CudaStorage, &Layout),
-        ) -> Result<(CudaStorage, Shape)> {
-            let (rows, inter, k) = (self.rows, self.inter, self.k);
-            let dev = x.0.device().clone();
-            let x_v = view::<T>(x.0, x.1, "gemv input")?;
-            let w_v = view::<T>(w.0, w.1, "gate|up weight")?;
-            // SAFETY: every element is written by the kernel.
-            let y = unsafe { dev.alloc::<T>(rows * inter)? };
-            let func = dev.get_or_load_custom_func(&format!("gemv_swiglu_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
-            let cfg = LaunchConfig { grid_dim: (inter as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: arguments match the kernel's signature; sizes and alignment checked by
-            // `cuda_decode::swiglu`.
-            launch!(dev, func, cfg, [&x_v, &w_v, &y], [inter as u32, k as u32]);
-            Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, inter))))
-        }
-    }
-
-    cuda_op2!(GemvSwiglu, "tessera-gemv-swiglu");
 
     /// The q|k|v product of the new token, RoPE, and the key/value write into the cache at
     /// `pos`: inputs x `(rows, k)`, cos, sin; output q `(b, h, 1, hd)`. The weight and the cache

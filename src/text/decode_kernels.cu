@@ -53,6 +53,30 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// Features i and i + hd / 2 of one head (of q|k|v) of the new token of `row`: queries and keys
+// are rotated (the same expression, in T, as candle's rope kernel) and stored to q_out or the
+// key cache at `pos`; values go to the value cache as they are.
+template <typename T>
+__device__ __forceinline__ void rope_store(T x1, T x2, uint32_t row, uint32_t head, uint32_t i, const T *cos,
+                                           const T *sin, T *q_out, T *k_cache, T *v_cache, uint32_t h, uint32_t kvh,
+                                           uint32_t hd, uint32_t max_len, uint32_t pos) {
+  const uint32_t half = hd / 2;
+  if (head >= h + kvh) {
+    T *dst = v_cache + (((size_t)row * kvh + (head - h - kvh)) * max_len + pos) * hd;
+    dst[i] = x1;
+    dst[i + half] = x2;
+    return;
+  }
+  const T c = cos[(size_t)row * half + i];
+  const T s = sin[(size_t)row * half + i];
+  const T y1 = x1 * c - x2 * s;
+  const T y2 = x1 * s + x2 * c;
+  T *dst = head < h ? q_out + ((size_t)row * h + head) * hd
+                    : k_cache + (((size_t)row * kvh + (head - h)) * max_len + pos) * hd;
+  dst[i] = y1;
+  dst[i + half] = y2;
+}
+
 // qkv: (b, (h + 2 kvh) * hd), the fused projection of the new token of each row.
 // cos, sin: (b, hd / 2) at each row's position.
 // q_out: (b, h, hd) rotated queries.
@@ -71,23 +95,7 @@ __device__ void rope_append(const T *qkv, const T *cos, const T *sin, T *q_out, 
   const uint32_t head = (idx / half) % heads;
   const uint32_t row = idx / (half * heads);
   const T *x = qkv + (size_t)row * heads * hd + (size_t)head * hd;
-  const T x1 = x[i];
-  const T x2 = x[i + half];
-  if (head >= h + kvh) {  // value: copied as is
-    T *dst = v_cache + (((size_t)row * kvh + (head - h - kvh)) * max_len + pos) * hd;
-    dst[i] = x1;
-    dst[i + half] = x2;
-    return;
-  }
-  const T c = cos[(size_t)row * half + i];
-  const T s = sin[(size_t)row * half + i];
-  // The same expression, in T, as candle's rope kernel.
-  const T y1 = x1 * c - x2 * s;
-  const T y2 = x1 * s + x2 * c;
-  T *dst = head < h ? q_out + ((size_t)row * h + head) * hd
-                    : k_cache + (((size_t)row * kvh + (head - h)) * max_len + pos) * hd;
-  dst[i] = y1;
-  dst[i + half] = y2;
+  rope_store<T>(x[i], x[i + half], row, head, i, cos, sin, q_out, k_cache, v_cache, h, kvh, hd, max_len, pos);
 }
 
 #define ATT_THREADS 1024
@@ -354,22 +362,8 @@ __device__ void gemv_rope(const T *__restrict__ x, const T *__restrict__ w, cons
   gemv_dots<T, M, 2>(x, w, wrow, k, res);
   if (threadIdx.x >= M) return;
   const uint32_t row = threadIdx.x;
-  const T x1 = fromf<T>(res[0][row]);
-  const T x2 = fromf<T>(res[1][row]);
-  if (head >= h + kvh) {  // value: copied as is
-    T *dst = v_cache + (((size_t)row * kvh + (head - h - kvh)) * max_len + pos) * hd;
-    dst[i] = x1;
-    dst[i + half] = x2;
-    return;
-  }
-  const T c = cos[(size_t)row * half + i];
-  const T s = sin[(size_t)row * half + i];
-  const T y1 = x1 * c - x2 * s;
-  const T y2 = x1 * s + x2 * c;
-  T *dst = head < h ? q_out + ((size_t)row * h + head) * hd
-                    : k_cache + (((size_t)row * kvh + (head - h)) * max_len + pos) * hd;
-  dst[i] = y1;
-  dst[i + half] = y2;
+  rope_store<T>(fromf<T>(res[0][row]), fromf<T>(res[1][row]), row, head, i, cos, sin, q_out, k_cache, v_cache, h,
+                kvh, hd, max_len, pos);
 }
 
 // x, p: (rows, d); w: (d). s = x + p rounded to T (written to sum_out), then RMSNorm of s:
