@@ -12,6 +12,7 @@ step does; and the device-to-device copy bandwidth the decode floor is measured 
 Needs torch and cupy with a CUDA GPU, and nvcc (the PTX is built with build.rs's flags).
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -67,25 +68,49 @@ def gemv(mod, x, w, y=None):
     return y
 
 
-def gemv_swiglu(mod, x, w, y=None):
+def gemv_add(mod, x, w, resid, y=None):
     rows, k = x.shape
-    inter = w.shape[0] // 2
-    y = torch.full((rows, inter), float("nan"), dtype=x.dtype, device=x.device) if y is None else y
-    mod.get_function(f"gemv_swiglu_{SUFFIX[x.dtype]}_{rows}")(
-        (inter,), (GEMV_THREADS,), (ptr(x), ptr(w), ptr(y), np.uint32(inter), np.uint32(k)))
+    n = w.shape[0]
+    y = torch.full((rows, n), float("nan"), dtype=x.dtype, device=x.device) if y is None else y
+    mod.get_function(f"gemv_add_{SUFFIX[x.dtype]}_{rows}")(
+        (n,), (GEMV_THREADS,), (ptr(x), ptr(w), ptr(resid), ptr(y), np.uint32(n), np.uint32(k)))
     return y
 
 
-def gemv_rope(mod, x, w, cos, sin, kc, vc, pos, q=None):
+def gemv_swiglu(mod, x, w, y=None, norm=None):
+    """With norm=(g, eps), x is the residual stream and the kernel applies the RMSNorm."""
+    rows, k = x.shape
+    inter = w.shape[0] // 2
+    y = torch.full((rows, inter), float("nan"), dtype=x.dtype, device=x.device) if y is None else y
+    if norm is None:
+        mod.get_function(f"gemv_swiglu_{SUFFIX[x.dtype]}_{rows}")(
+            (inter,), (GEMV_THREADS,), (ptr(x), ptr(w), ptr(y), np.uint32(inter), np.uint32(k)))
+    else:
+        mod.get_function(f"gemv_swiglu_norm_{SUFFIX[x.dtype]}_{rows}")(
+            (inter,), (GEMV_THREADS,),
+            (ptr(x), ptr(w), ptr(y), ptr(norm[0]), np.uint32(inter), np.uint32(k), np.float32(norm[1])))
+    return y
+
+
+def gemv_rope(mod, x, w, cos, sin, kc, vc, pos, q=None, norm=None):
     rows, k = x.shape
     _, kvh, max_len, hd = kc.shape
     h = w.shape[0] // hd - 2 * kvh
     q = torch.full((rows, h, hd), float("nan"), dtype=x.dtype, device=x.device) if q is None else q
-    mod.get_function(f"gemv_rope_{SUFFIX[x.dtype]}_{rows}")(
-        ((h + 2 * kvh) * hd // 2,), (GEMV_THREADS,),
-        (ptr(x), ptr(w), ptr(cos), ptr(sin), ptr(q), ptr(kc), ptr(vc), np.uint32(h), np.uint32(kvh), np.uint32(hd),
-         np.uint32(max_len), np.uint32(pos), np.uint32(k)))
+    args = [ptr(x), ptr(w), ptr(cos), ptr(sin), ptr(q), ptr(kc), ptr(vc)]
+    dims = [np.uint32(h), np.uint32(kvh), np.uint32(hd), np.uint32(max_len), np.uint32(pos), np.uint32(k)]
+    if norm is None:
+        mod.get_function(f"gemv_rope_{SUFFIX[x.dtype]}_{rows}")(((h + 2 * kvh) * hd // 2,), (GEMV_THREADS,), tuple(args + dims))
+    else:
+        mod.get_function(f"gemv_rope_norm_{SUFFIX[x.dtype]}_{rows}")(
+            ((h + 2 * kvh) * hd // 2,), (GEMV_THREADS,), tuple(args + [ptr(norm[0])] + dims + [np.float32(norm[1])]))
     return q
+
+
+def rms_ref(x, g, eps):
+    """The RMSNorm's output as add_rms_norm stores it (rounded to x's dtype), in float64."""
+    xd = x.double()
+    return (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * g.double()).to(x.dtype).double()
 
 
 def add_rms_norm(mod, x, p, w, eps, out=None):
@@ -173,28 +198,44 @@ def check(mod, g):
             good = e < TOL[dt]
             ok &= good
             record(check="silu_mul", dtype=SUFFIX[dt], rows=rows, inter=inter, rel_err=e, ok=good)
-        for rows, inter, k in ((2, 1001, 4104), (3, 64, 136), (8, 300, 520)):
+        for rows, n, k in ((2, 1001, 4104), (3, 64, 136), (8, 520, 64)):
             x = torch.randn(rows, k, generator=g, device=dev).to(dt)
-            w = (torch.randn(2 * inter, k, generator=g, device=dev) * k ** -0.5 * 3).to(dt)
-            gu = x.double() @ w.double().T
-            ref = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
-            e = rel_err(gemv_swiglu(mod, x, w), ref)
+            w = (torch.randn(n, k, generator=g, device=dev) * k ** -0.5).to(dt)
+            resid = torch.randn(rows, n, generator=g, device=dev).to(dt)
+            ref = (resid.double() + (x.double() @ w.double().T).to(dt).double()).to(dt).double()
+            e = rel_err(gemv_add(mod, x, w, resid), ref)
             good = e < TOL[dt]
             ok &= good
-            record(check="gemv_swiglu", dtype=SUFFIX[dt], rows=rows, inter=inter, k=k, rel_err=e, ok=good)
-        for rows, hd, h, kvh, k in ((2, 128, 4, 2, 520), (3, 64, 6, 3, 384), (1, 32, 2, 1, 136)):
+            record(check="gemv_add", dtype=SUFFIX[dt], rows=rows, n=n, k=k, rel_err=e, ok=good)
+        for rows, inter, k in ((2, 1001, 4104), (3, 64, 136), (8, 300, 520)):
+            for normed in (False, True):
+                x = torch.randn(rows, k, generator=g, device=dev).to(dt) * (4 if normed else 1)
+                w = (torch.randn(2 * inter, k, generator=g, device=dev) * k ** -0.5 * 3).to(dt)
+                gw = (1 + 0.1 * torch.randn(k, generator=g, device=dev)).to(dt)
+                xin = rms_ref(x, gw, 1e-5) if normed else x.double()
+                gu = xin @ w.double().T
+                ref = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+                e = rel_err(gemv_swiglu(mod, x, w, norm=(gw, 1e-5) if normed else None), ref)
+                good = e < TOL[dt]
+                ok &= good
+                record(check="gemv_swiglu_norm" if normed else "gemv_swiglu", dtype=SUFFIX[dt], rows=rows, inter=inter,
+                       k=k, rel_err=e, ok=good)
+        for (rows, hd, h, kvh, k), normed in itertools.product(
+                ((2, 128, 4, 2, 520), (3, 64, 6, 3, 384), (1, 32, 2, 1, 136)), (False, True)):
             max_len, pos, half = 40, 17, hd // 2
-            x = torch.randn(rows, k, generator=g, device=dev).to(dt)
+            x = torch.randn(rows, k, generator=g, device=dev).to(dt) * (4 if normed else 1)
+            gw = (1 + 0.1 * torch.randn(k, generator=g, device=dev)).to(dt)
             w = (torch.randn((h + 2 * kvh) * hd, k, generator=g, device=dev) * k ** -0.5).to(dt)
             ang = torch.rand(rows, half, generator=g, device=dev) * 6.3
             cos, sin = ang.cos().to(dt), ang.sin().to(dt)
             kc = torch.randn(rows, kvh, max_len, hd, generator=g, device=dev).to(dt)
             vc = torch.randn(rows, kvh, max_len, hd, generator=g, device=dev).to(dt)
             kc0, vc0 = kc.clone(), vc.clone()
-            qkv = (x.double() @ w.double().T).view(rows, h + 2 * kvh, hd)
+            xin = rms_ref(x, gw, 1e-5) if normed else x.double()
+            qkv = (xin @ w.double().T).view(rows, h + 2 * kvh, hd)
             c, s_ = cos.double()[:, None, :], sin.double()[:, None, :]
             rot = lambda t: torch.cat([t[..., :half] * c - t[..., half:] * s_, t[..., :half] * s_ + t[..., half:] * c], -1)
-            q = gemv_rope(mod, x, w, cos, sin, kc, vc, pos)
+            q = gemv_rope(mod, x, w, cos, sin, kc, vc, pos, norm=(gw, 1e-5) if normed else None)
             e_q = rel_err(q, rot(qkv[:, :h]))
             e_k = rel_err(kc[:, :, pos], rot(qkv[:, h:h + kvh]))
             e_v = rel_err(vc[:, :, pos], qkv[:, h + kvh:])
@@ -202,7 +243,7 @@ def check(mod, g):
             untouched = bool(torch.equal(kc[:, :, others], kc0[:, :, others]) and torch.equal(vc[:, :, others], vc0[:, :, others]))
             good = e_q < TOL[dt] and e_k < TOL[dt] and e_v < TOL[dt] and untouched
             ok &= good
-            record(check="gemv_rope", dtype=SUFFIX[dt], rows=rows, hd=hd, heads=h, kv_heads=kvh, k=k, rel_err_q=e_q,
+            record(check="gemv_rope_norm" if normed else "gemv_rope", dtype=SUFFIX[dt], rows=rows, hd=hd, heads=h, kv_heads=kvh, k=k, rel_err_q=e_q,
                    rel_err_k=e_k, rel_err_v=e_v, rest_of_cache_untouched=untouched, ok=good)
         for hd, h, kvh, kv_len in ((128, 32, 8, 600), (64, 8, 2, 1100), (32, 4, 4, 37)):
             b, max_len = 2, kv_len + 100

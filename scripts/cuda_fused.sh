@@ -11,6 +11,9 @@
 #            gate|up GEMVs)
 #   pdl:     TESSERA_CUDA_PDL=1                           (+ programmatic dependent launch: each
 #            kernel may start while the previous one finishes)
+#   fold:    TESSERA_CUDA_NORM_FOLD=1                     (+ each RMSNorm inside the product after it,
+#            each residual add inside the output projection: 5 launches per layer)
+#   foldpdl: both
 # A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
 # shipped-model greedy codes are checked too.
 # Steps, most telling first: KERNELS=1 checks and times the kernels alone
@@ -43,6 +46,8 @@ variant() {  # name -> environment
     unfused) echo "TESSERA_CUDA_PROJ_FUSED=0" ;;
     fused) echo "TESSERA_CUDA_FUSED=1" ;;
     pdl) echo "TESSERA_CUDA_PDL=1" ;;
+    fold) echo "TESSERA_CUDA_NORM_FOLD=1" ;;
+    foldpdl) echo "TESSERA_CUDA_NORM_FOLD=1 TESSERA_CUDA_PDL=1" ;;
   esac
 }
 gen() {  # variant, then gen arguments; prints the JSON

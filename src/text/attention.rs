@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with RoPE and a key/value cache (`Emu3Attention`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::cache::LayerCache;
 use super::cuda_decode;
@@ -55,7 +55,7 @@ impl Attention {
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mask = match step {
             Step::Fused { pad } => {
-                let y = cuda_decode::attend(x, &self.qkv_proj, cos, sin, pad, cache, h, kvh, hd)?;
+                let y = cuda_decode::attend(x, None, &self.qkv_proj, cos, sin, pad, cache, h, kvh, hd)?;
                 return self.o_proj.forward(&y);
             }
             Step::Generic { mask } => mask.as_ref(),
@@ -90,6 +90,16 @@ impl Attention {
         let y = att.matmul(&v)?; // (b, kvh, n_rep * t, hd)
         let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
         self.o_proj.forward(&y)
+    }
+
+    /// A fused CUDA decode step of the block with its norm and residual: `x + o_proj(attn(norm(x)))`
+    /// for the residual stream `x` `(b, 1, d)`, with the norm applied inside the q|k|v product and
+    /// the residual added by `o_proj`'s (see `cuda_decode::norm_fold`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_residual(&self, x: &Tensor, norm: &RmsNorm, cos: &Tensor, sin: &Tensor, pad: &Tensor, cache: &mut LayerCache) -> Result<Tensor> {
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let y = cuda_decode::attend(x, Some(norm), &self.qkv_proj, cos, sin, pad, cache, h, kvh, hd)?;
+        cuda_decode::project_add(&self.o_proj, &y, x)
     }
 }
 

@@ -13,12 +13,14 @@
 //! candle's ops. `TESSERA_CUDA_FUSED=0` turns it all off, `TESSERA_CUDA_GEMV_MAX` sets the
 //! GEMV's largest weight (0: cuBLAS for every product) and `TESSERA_CUDA_PROJ_FUSED=0` keeps the
 //! q|k|v and gate|up products apart from RoPE and SwiGLU (for before/after measurements in one
-//! binary), and `TESSERA_CUDA_PDL=1` launches the kernels with programmatic dependent launch
-//! (compute capability 9.0+: each kernel may start while the one before it finishes; off until
-//! measured);
+//! binary), `TESSERA_CUDA_PDL=1` launches the kernels with programmatic dependent launch
+//! (compute capability 9.0+: each kernel may start while the one before it finishes) and
+//! `TESSERA_CUDA_NORM_FOLD=1` folds each RMSNorm into the product after it and each residual
+//! add into the output projection before it (five launches per layer; both off until measured);
 //! `scripts/check_decode_kernels.py` checks each kernel against a float64 reference on a GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::RmsNorm;
 
 use super::cache::LayerCache;
 use super::linear::Linear;
@@ -44,15 +46,17 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("TESSERA_CUDA_FUSED").map(|v| v != "0").unwrap_or(true))
 }
 
-/// The attention of one decode step: `x` `(b, 1, d)` (the normed residual stream), `qkv_proj`
-/// the fused q|k|v projection, cos/sin `(b, 1, hd / 2)`, `pad` `(b,)` u32 (each row's left
-/// padding). Appends the new key and value to `cache`; returns the attention output
-/// `(b, 1, h hd)` (before `o_proj`). The product runs inside the RoPE + cache-write kernel when
-/// it fits the GEMV (see [`gemv`]).
+/// The attention of one decode step: `x` `(b, 1, d)` (the normed residual stream, or with
+/// `norm` the residual stream itself, which the product then norms), `qkv_proj` the fused
+/// q|k|v projection, cos/sin `(b, 1, hd / 2)`, `pad` `(b,)` u32 (each row's left padding).
+/// Appends the new key and value to `cache`; returns the attention output `(b, 1, h hd)`
+/// (before `o_proj`). The product runs inside the RoPE + cache-write kernel when it fits the
+/// GEMV (see [`gemv`]).
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     x: &Tensor,
+    norm: Option<&RmsNorm>,
     qkv_proj: &Linear,
     cos: &Tensor,
     sin: &Tensor,
@@ -72,13 +76,19 @@ pub fn attend(
         Some(w) if proj_fused() => gemv_shape(x, w)?.map(|(rows, _, k)| (w, rows, k)),
         _ => None,
     };
+    let fused = fused.filter(|&(_, _, kdim)| norm.is_none_or(|n| norm_fits(n, x, kdim)));
     let q = match fused {
         Some((w, rows, kdim)) => {
-            let op = kernels::GemvRope { w: w.clone(), k: k.clone(), v: v.clone(), dims, pos, rows, kdim };
+            let norm = norm.map(|n| (n.weight().clone(), n.eps() as f32));
+            let op = kernels::GemvRope { w: w.clone(), k: k.clone(), v: v.clone(), dims, pos, rows, kdim, norm };
             x.apply_op3_no_bwd(cos, sin, &op)?
         }
         None => {
-            let qkv = candle_core::Module::forward(qkv_proj, x)?;
+            let x = match norm {
+                Some(n) => normed(x, n)?,
+                None => x.clone(),
+            };
+            let qkv = candle_core::Module::forward(qkv_proj, &x)?;
             qkv.apply_op3_no_bwd(cos, sin, &kernels::RopeAppend { k: k.clone(), v: v.clone(), dims, pos })?
         }
     };
@@ -91,6 +101,7 @@ pub fn attend(
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     _x: &Tensor,
+    _norm: Option<&RmsNorm>,
     _qkv_proj: &Linear,
     _cos: &Tensor,
     _sin: &Tensor,
@@ -151,20 +162,62 @@ fn gemv_shape(x: &Tensor, w: &Tensor) -> Result<Option<(usize, usize, usize)>> {
 
 /// `silu(x . gate^T) * (x . up^T)` from the fused gate|up weight `(2 inter, k)` in one GEMV
 /// kernel, when the product fits [`gemv`]; `None` otherwise (the caller projects and applies
-/// SwiGLU).
-pub fn swiglu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+/// SwiGLU). With `norm`, `x` is the residual stream and the kernel applies the RMSNorm to it.
+pub fn swiglu(x: &Tensor, norm: Option<&RmsNorm>, w: &Tensor) -> Result<Option<Tensor>> {
     if !proj_fused() {
         return Ok(None);
     }
     let Some((rows, n, k)) = gemv_shape(x, w)? else {
         return Ok(None);
     };
-    if !n.is_multiple_of(2) {
+    if !n.is_multiple_of(2) || norm.is_some_and(|nm| !norm_fits(nm, x, k)) {
         return Ok(None);
     }
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("rank >= 1") = n / 2;
-    swiglu_launch(x, w, rows, n / 2, k)?.reshape(out_dims).map(Some)
+    swiglu_launch(x, norm, w, rows, n / 2, k)?.reshape(out_dims).map(Some)
+}
+
+/// Whether a decode step folds each RMSNorm into the product after it (`gemv_rope`,
+/// `gemv_swiglu` norm their input themselves) and each output projection adds the residual
+/// (`TESSERA_CUDA_NORM_FOLD=1`; off until measured on a GPU). Layers then go through
+/// `Attention::forward_residual` and `Mlp::forward_residual`.
+pub fn norm_fold(dev: &Device) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    dev.is_cuda()
+        && cfg!(feature = "cuda")
+        && enabled()
+        && proj_fused()
+        && *ON.get_or_init(|| std::env::var("TESSERA_CUDA_NORM_FOLD").is_ok_and(|v| v == "1"))
+}
+
+/// `resid + proj(y)`: the output projection and the residual add in one GEMV kernel when they
+/// fit it, else the projection and candle's add.
+pub fn project_add(proj: &Linear, y: &Tensor, resid: &Tensor) -> Result<Tensor> {
+    if let Some(w) = proj.dense_weight()
+        && let Some((rows, n, k)) = gemv_shape(y, w)?
+        && resid.dtype() == y.dtype()
+        && resid.is_contiguous()
+        && resid.elem_count() == rows * n
+    {
+        return gemv_add_launch(y, w, resid, rows, n, k)?.reshape(resid.dims());
+    }
+    resid + candle_core::Module::forward(proj, y)?
+}
+
+/// `rms_norm(x)` (our kernel on a GPU, candle's op elsewhere).
+pub fn normed(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+    match add_rms_norm(x, None, norm)? {
+        Some((_, h)) => Ok(h),
+        None => candle_core::Module::forward(norm, x),
+    }
+}
+
+/// Whether a GEMV of `x`'s rows can apply `norm` to them (the norm's weight covers the `k`
+/// inputs, in x's dtype).
+fn norm_fits(norm: &RmsNorm, x: &Tensor, k: usize) -> bool {
+    let w = norm.weight();
+    w.dtype() == x.dtype() && w.is_contiguous() && w.elem_count() == k
 }
 
 /// `silu(gate) * up` of the fused gate|up projection `(.., 2 inter)` in one kernel on a CUDA
@@ -213,7 +266,7 @@ fn gemv_max_elements() -> usize {
 
 #[cfg(feature = "cuda")]
 fn gemv_launch(x: &Tensor, w: &Tensor, rows: usize, n: usize, k: usize) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, out: n, k, swiglu: false })
+    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, out: n, k, swiglu: false, norm: None, resid: None })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -222,13 +275,25 @@ fn gemv_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<T
 }
 
 #[cfg(feature = "cuda")]
-fn swiglu_launch(x: &Tensor, w: &Tensor, rows: usize, inter: usize, k: usize) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, out: inter, k, swiglu: true })
+fn swiglu_launch(x: &Tensor, norm: Option<&RmsNorm>, w: &Tensor, rows: usize, inter: usize, k: usize) -> Result<Tensor> {
+    let norm = norm.map(|n| (n.weight().clone(), n.eps() as f32));
+    x.apply_op2_no_bwd(w, &kernels::Gemv { rows, out: inter, k, swiglu: true, norm, resid: None })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn swiglu_launch(_: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
+fn swiglu_launch(_: &Tensor, _: Option<&RmsNorm>, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
     candle_core::bail!("the fused SwiGLU GEMV needs a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn gemv_add_launch(x: &Tensor, w: &Tensor, resid: &Tensor, rows: usize, n: usize, k: usize) -> Result<Tensor> {
+    let op = kernels::Gemv { rows, out: n, k, swiglu: false, norm: None, resid: Some(resid.clone()) };
+    x.apply_op2_no_bwd(w, &op)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gemv_add_launch(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
+    candle_core::bail!("the GEMV with the residual add needs a build with the `cuda` feature")
 }
 
 #[cfg(feature = "cuda")]
@@ -542,13 +607,17 @@ mod kernels {
     cuda_op3!(Attention, "tessera-decode-attention");
 
     /// `x (rows, k) . w (n, k)^T`: inputs x, w; output `(rows, n)`. With `swiglu`, w is the
-    /// gate|up weight `(2 out, k)` and the output `(rows, out)` is `silu(x . gate^T) * (x . up^T)`.
+    /// gate|up weight `(2 out, k)` and the output `(rows, out)` is `silu(x . gate^T) * (x . up^T)`;
+    /// with `norm` (SwiGLU only), x is the residual stream, normed by the kernel (the norm's
+    /// weight and eps); with `resid` (plain only), the output is `resid + x . w^T`.
     pub(super) struct Gemv {
         pub rows: usize,
         /// Output features: n, or inter with `swiglu`.
         pub out: usize,
         pub k: usize,
         pub swiglu: bool,
+        pub norm: Option<(Tensor, f32)>,
+        pub resid: Option<Tensor>,
     }
 
     const GEMV_THREADS: u32 = 128; // GEMV_THREADS in the kernel: one block per output feature
@@ -565,12 +634,31 @@ mod kernels {
             let w_v = view::<T>(w.0, w.1, "gemv weight")?;
             // SAFETY: every element is written by the kernel.
             let y = unsafe { dev.alloc::<T>(rows * out)? };
-            let kernel = if self.swiglu { "gemv_swiglu" } else { "gemv" };
+            let kernel = match (self.swiglu, &self.norm, &self.resid) {
+                (false, None, None) => "gemv",
+                (true, None, None) => "gemv_swiglu",
+                (true, Some(_), None) => "gemv_swiglu_norm",
+                (false, None, Some(_)) => "gemv_add",
+                _ => candle_core::bail!("gemv: no kernel for this combination"),
+            };
             let func = dev.get_or_load_custom_func(&format!("{kernel}_{}_{rows}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let cfg = LaunchConfig { grid_dim: (out as u32, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: arguments match the kernels' signatures; sizes and alignment checked by
-            // `cuda_decode::gemv_shape`.
-            launch!(dev, func, cfg, [&x_v, &w_v, &y], [out as u32, k as u32]);
+            // SAFETY (every launch below): arguments match the kernels' signatures; sizes and
+            // alignment checked by `cuda_decode::gemv_shape`, the norm's and the residual's by
+            // their callers.
+            match (&self.norm, &self.resid) {
+                (Some((g, eps)), _) => {
+                    let (gs, gl) = held(g)?;
+                    let g_v = view::<T>(cuda(&gs), gl, "norm weight")?;
+                    launch!(dev, func, cfg, [&x_v, &w_v, &y, &g_v], [out as u32, k as u32, *eps]);
+                }
+                (None, Some(r)) => {
+                    let (rs, rl) = held(r)?;
+                    let r_v = view::<T>(cuda(&rs), rl, "residual stream")?;
+                    launch!(dev, func, cfg, [&x_v, &w_v, &r_v, &y], [out as u32, k as u32]);
+                }
+                (None, None) => launch!(dev, func, cfg, [&x_v, &w_v, &y], [out as u32, k as u32]),
+            }
             Ok((T::wrap_cuda_slice(y, dev), Shape::from((rows, out))))
         }
     }
@@ -588,6 +676,8 @@ mod kernels {
         pub pos: usize,
         pub rows: usize,
         pub kdim: usize,
+        /// With a norm (its weight and eps), x is the residual stream, normed by the kernel.
+        pub norm: Option<(Tensor, f32)>,
     }
 
     impl GemvRope {
@@ -611,14 +701,22 @@ mod kernels {
             let sin_v = view::<T>(sin.0, sin.1, "sin")?;
             // SAFETY: every element is written by the kernel.
             let q = unsafe { dev.alloc::<T>(b * h * hd)? };
-            let func = dev.get_or_load_custom_func(&format!("gemv_rope_{}_{b}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let kernel = if self.norm.is_some() { "gemv_rope_norm" } else { "gemv_rope" };
+            let func = dev.get_or_load_custom_func(&format!("{kernel}_{}_{b}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let blocks = ((h + 2 * kvh) * hd / 2) as u32;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (GEMV_THREADS, 1, 1), shared_mem_bytes: 0 };
             // The cache is written through the k and v views, as in RopeAppend.
             // SAFETY: arguments match the kernel's signature; the product's sizes and alignment
             // checked by `cuda_decode::gemv_shape`, the cache's by the caller.
-            launch!(dev, func, cfg, [&x_v, &w, &cos_v, &sin_v, &q, &k, &v],
-                [h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32, kdim as u32]);
+            let (h32, kvh32, hd32, max32, pos32, k32) = (h as u32, kvh as u32, hd as u32, max_len as u32, self.pos as u32, kdim as u32);
+            match &self.norm {
+                Some((g, eps)) => {
+                    let (gs, gl) = held(g)?;
+                    let g_v = view::<T>(cuda(&gs), gl, "norm weight")?;
+                    launch!(dev, func, cfg, [&x_v, &w, &cos_v, &sin_v, &q, &k, &v, &g_v], [h32, kvh32, hd32, max32, pos32, k32, *eps]);
+                }
+                None => launch!(dev, func, cfg, [&x_v, &w, &cos_v, &sin_v, &q, &k, &v], [h32, kvh32, hd32, max32, pos32, k32]),
+            }
             Ok((T::wrap_cuda_slice(q, dev), Shape::from((b, h, 1, hd))))
         }
     }

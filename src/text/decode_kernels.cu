@@ -13,6 +13,9 @@
 // gemv_swiglu: the gate|up projection and SwiGLU in one launch (replaces gemv + silu_mul).
 // gemv_rope: the q|k|v projection, RoPE and the cache write in one launch (replaces gemv +
 //   rope_append).
+// gemv_add, gemv_rope_norm, gemv_swiglu_norm (TESSERA_CUDA_NORM_FOLD=1): the output projections
+//   add the residual, and the next products apply the RMSNorm themselves (replaces the two
+//   add_rms_norm launches of a layer).
 // add_rms_norm: the residual add and the RMSNorm that follows it (replaces an add and a norm).
 // silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
 //   strided SiLU and a multiply).
@@ -248,12 +251,71 @@ __device__ __forceinline__ float dot16(float acc, uint4 w, uint4 x, __half) {
   return acc;
 }
 
+// acc + the squares of 16 bytes of inputs.
+__device__ __forceinline__ float sumsq16(float acc, uint4 x, float) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc = fmaf(__uint_as_float(xs[i]), __uint_as_float(xs[i]), acc);
+  return acc;
+}
+__device__ __forceinline__ float sumsq16(float acc, uint4 x, __nv_bfloat16) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc = fmaf(bf16_lo(xs[i]), bf16_lo(xs[i]), acc);
+    acc = fmaf(bf16_hi(xs[i]), bf16_hi(xs[i]), acc);
+  }
+  return acc;
+}
+__device__ __forceinline__ float sumsq16(float acc, uint4 x, __half) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&xs[i]));
+    acc = fmaf(a.x, a.x, acc);
+    acc = fmaf(a.y, a.y, acc);
+  }
+  return acc;
+}
+
+// 16 bytes of RMSNorm output from 16 bytes of its input s and weight g: each value
+// scale * s * g rounded to T, as add_rms_norm computes it.
+__device__ __forceinline__ uint4 norm16(uint4 s, uint4 g, float scale, float) {
+  return make_uint4(__float_as_uint(scale * __uint_as_float(s.x) * __uint_as_float(g.x)),
+                    __float_as_uint(scale * __uint_as_float(s.y) * __uint_as_float(g.y)),
+                    __float_as_uint(scale * __uint_as_float(s.z) * __uint_as_float(g.z)),
+                    __float_as_uint(scale * __uint_as_float(s.w) * __uint_as_float(g.w)));
+}
+__device__ __forceinline__ uint32_t norm_pair_bf16(uint32_t s, uint32_t g, float scale) {
+  const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16(scale * bf16_lo(s) * bf16_lo(g)));
+  const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16(scale * bf16_hi(s) * bf16_hi(g)));
+  return lo | (hi << 16);
+}
+__device__ __forceinline__ uint4 norm16(uint4 s, uint4 g, float scale, __nv_bfloat16) {
+  return make_uint4(norm_pair_bf16(s.x, g.x, scale), norm_pair_bf16(s.y, g.y, scale), norm_pair_bf16(s.z, g.z, scale),
+                    norm_pair_bf16(s.w, g.w, scale));
+}
+__device__ __forceinline__ uint32_t norm_pair_f16(uint32_t s, uint32_t g, float scale) {
+  const float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&s));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2 *>(&g));
+  const __half2 r = __floats2half2_rn(scale * a.x * b.x, scale * a.y * b.y);
+  return *reinterpret_cast<const uint32_t *>(&r);
+}
+__device__ __forceinline__ uint4 norm16(uint4 s, uint4 g, float scale, __half) {
+  return make_uint4(norm_pair_f16(s.x, g.x, scale), norm_pair_f16(s.y, g.y, scale), norm_pair_f16(s.z, g.z, scale),
+                    norm_pair_f16(s.w, g.w, scale));
+}
+
 // The dot products of R weight rows (`wrow`, rows of w (., k)) with the M rows of x (M, k), left
 // in shared memory, res[r][m], for the whole block. Each sum is accumulated per thread in a fixed order, then
 // over the lanes of a warp and over the warps in a fixed order, so results do not depend on R.
-template <typename T, int M, int R>
+// With NORM, x is the residual stream and the product takes its RMSNorm with weight g (k): the
+// block computes each row's scale rsqrt(mean(x^2) + eps) first, then normalises x on the fly,
+// rounding each value to T as add_rms_norm's output is rounded.
+template <typename T, int M, int R, bool NORM = false>
 __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__restrict__ w, const uint32_t (&wrow)[R],
-                                          uint32_t k, float (&res)[R][M]) {
+                                          uint32_t k, float (&res)[R][M], const T *__restrict__ g = nullptr,
+                                          float eps = 0.f) {
   __shared__ float part[GEMV_THREADS / 32][R][M];
   const uint32_t vecs = k / (16 / sizeof(T));  // 16-byte vectors per row
   const uint4 *xr = reinterpret_cast<const uint4 *>(x);
@@ -269,6 +331,34 @@ __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__re
       if (threadIdx.x + GEMV_THREADS * u < vecs)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + threadIdx.x + GEMV_THREADS * u));
   pdl_wait();
+  const uint4 *gr = reinterpret_cast<const uint4 *>(g);
+  float scale[M];
+  if constexpr (NORM) {
+    __shared__ float sq_part[GEMV_THREADS / 32][M];
+    __shared__ float sq_scale[M];
+    float ss[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) ss[m] = 0.f;
+    for (uint32_t c = threadIdx.x; c < vecs; c += GEMV_THREADS)
+#pragma unroll
+      for (int m = 0; m < M; ++m) ss[m] = sumsq16(ss[m], __ldg(xr + (size_t)m * vecs + c), T());
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = warp_sum(ss[m]);
+      if (lane == 0) sq_part[warp][m] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float v = 0.f;
+#pragma unroll
+      for (int p = 0; p < GEMV_THREADS / 32; ++p) v += sq_part[p][threadIdx.x];
+      sq_scale[threadIdx.x] = rsqrtf(v / k + eps);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < M; ++m) scale[m] = sq_scale[m];
+  }
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -282,21 +372,28 @@ __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__re
 #pragma unroll
       for (int u = 0; u < GEMV_UNROLL; ++u) wv[r][u] = load_stream(wr[r] + i + GEMV_THREADS * u);
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u)
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+      uint4 gv;
+      if constexpr (NORM) gv = __ldg(gr + i + GEMV_THREADS * u);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = __ldg(xr + (size_t)m * vecs + i + GEMV_THREADS * u);
+        uint4 xv = __ldg(xr + (size_t)m * vecs + i + GEMV_THREADS * u);
+        if constexpr (NORM) xv = norm16(xv, gv, scale[m], T());
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r][u], xv, T());
       }
+    }
   }
   for (; i < vecs; i += GEMV_THREADS) {
     uint4 wv[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) wv[r] = load_stream(wr[r] + i);
+    uint4 gv;
+    if constexpr (NORM) gv = __ldg(gr + i);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const uint4 xv = __ldg(xr + (size_t)m * vecs + i);
+      uint4 xv = __ldg(xr + (size_t)m * vecs + i);
+      if constexpr (NORM) xv = norm16(xv, gv, scale[m], T());
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r], xv, T());
     }
@@ -331,16 +428,32 @@ __device__ void gemv(const T *__restrict__ x, const T *__restrict__ w, T *__rest
   if (threadIdx.x < M) y[(size_t)threadIdx.x * n + row] = fromf<T>(res[0][threadIdx.x]);
 }
 
+// y (M, n) = resid + x . w^T: an output projection with the residual add, the sum rounded as
+// add_rms_norm rounds it (the product rounded to T first, as gemv stores it).
+template <typename T, int M>
+__device__ void gemv_add(const T *__restrict__ x, const T *__restrict__ w, const T *resid, T *__restrict__ y, uint32_t n,
+                         uint32_t k) {
+  const uint32_t row = blockIdx.x;
+  const uint32_t wrow[1] = {row};
+  __shared__ float res[1][M];
+  gemv_dots<T, M, 1>(x, w, wrow, k, res);
+  if (threadIdx.x < M) {
+    const size_t at = (size_t)threadIdx.x * n + row;
+    y[at] = fromf<T>(tof(resid[at]) + round_t<T>(res[0][threadIdx.x]));
+  }
+}
+
 // SwiGLU straight from the fused gate|up weight w (2 inter, k): y (M, inter) = silu(x . gate^T)
 // * (x . up^T), block j reading gate row j and up row inter + j. Both products are rounded to T
 // first, as gemv then silu_mul does.
-template <typename T, int M>
+// With NORM, x is the residual stream, normed on the fly with weight g (see gemv_dots).
+template <typename T, int M, bool NORM = false>
 __device__ void gemv_swiglu(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, uint32_t inter,
-                            uint32_t k) {
+                            uint32_t k, const T *g = nullptr, float eps = 0.f) {
   const uint32_t j = blockIdx.x;
   const uint32_t wrow[2] = {j, inter + j};
   __shared__ float res[2][M];
-  gemv_dots<T, M, 2>(x, w, wrow, k, res);
+  gemv_dots<T, M, 2, NORM>(x, w, wrow, k, res, g, eps);
   if (threadIdx.x < M) {
     const float g = round_t<T>(res[0][threadIdx.x]);
     const float u = round_t<T>(res[1][threadIdx.x]);
@@ -351,15 +464,16 @@ __device__ void gemv_swiglu(const T *__restrict__ x, const T *__restrict__ w, T 
 // The fused q|k|v projection with RoPE and the cache write: w ((h + 2 kvh) hd, k); block
 // (head, i) computes features i and i + hd / 2 of that head for the M rows (rounded to T, as the
 // projection's output is), then does what rope_append does with them.
-template <typename T, int M>
+// With NORM, x is the residual stream, normed on the fly with weight g (see gemv_dots).
+template <typename T, int M, bool NORM = false>
 __device__ void gemv_rope(const T *__restrict__ x, const T *__restrict__ w, const T *cos, const T *sin, T *q_out,
                           T *k_cache, T *v_cache, uint32_t h, uint32_t kvh, uint32_t hd, uint32_t max_len,
-                          uint32_t pos, uint32_t k) {
+                          uint32_t pos, uint32_t k, const T *g = nullptr, float eps = 0.f) {
   const uint32_t half = hd / 2;
   const uint32_t head = blockIdx.x / half, i = blockIdx.x % half;
   const uint32_t wrow[2] = {head * hd + i, head * hd + i + half};
   __shared__ float res[2][M];
-  gemv_dots<T, M, 2>(x, w, wrow, k, res);
+  gemv_dots<T, M, 2, NORM>(x, w, wrow, k, res, g, eps);
   if (threadIdx.x >= M) return;
   const uint32_t row = threadIdx.x;
   rope_store<T>(fromf<T>(res[0][row]), fromf<T>(res[1][row]), row, head, i, cos, sin, q_out, k_cache, v_cache, h,
@@ -425,6 +539,19 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
                                                       uint32_t kvh, uint32_t hd, uint32_t max_len,             \
                                                       uint32_t pos, uint32_t k) {                              \
     gemv_rope<T, M>(x, w, cos, sin, q_out, k_cache, v_cache, h, kvh, hd, max_len, pos, k);                     \
+  }                                                                                                            \
+  extern "C" __global__ void gemv_add_##SUFFIX##_##M(const T *x, const T *w, const T *resid, T *y, uint32_t n,  \
+                                                     uint32_t k) {                                             \
+    gemv_add<T, M>(x, w, resid, y, n, k);                                                                      \
+  }                                                                                                            \
+  extern "C" __global__ void gemv_swiglu_norm_##SUFFIX##_##M(const T *x, const T *w, T *y, const T *g,         \
+                                                             uint32_t inter, uint32_t k, float eps) {          \
+    gemv_swiglu<T, M, true>(x, w, y, inter, k, g, eps);                                                        \
+  }                                                                                                            \
+  extern "C" __global__ void gemv_rope_norm_##SUFFIX##_##M(                                                    \
+      const T *x, const T *w, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache, const T *g,         \
+      uint32_t h, uint32_t kvh, uint32_t hd, uint32_t max_len, uint32_t pos, uint32_t k, float eps) {          \
+    gemv_rope<T, M, true>(x, w, cos, sin, q_out, k_cache, v_cache, h, kvh, hd, max_len, pos, k, g, eps);       \
   }
 
 #define GEMV_OPS(T, SUFFIX) \

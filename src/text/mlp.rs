@@ -1,7 +1,7 @@
 //! SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (`Emu3MLP`).
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::linear::{CpuWeights, Linear};
 
@@ -37,11 +37,26 @@ impl Mlp {
         self.down_proj.forward(&self.swiglu(x)?)
     }
 
+    /// A fused CUDA decode step of the block with its norm and residual: `x + mlp(norm(x))` for
+    /// the residual stream `x`, with the norm applied inside the gate|up product and the residual
+    /// added by `down_proj`'s (see `cuda_decode::norm_fold`).
+    pub fn forward_residual(&self, x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
+        let folded = match self.gate_up_proj.dense_weight() {
+            Some(w) => super::cuda_decode::swiglu(x, Some(norm), w)?,
+            None => None,
+        };
+        let h = match folded {
+            Some(h) => h,
+            None => self.swiglu(&super::cuda_decode::normed(x, norm)?)?,
+        };
+        super::cuda_decode::project_add(&self.down_proj, &h, x)
+    }
+
     /// `silu(gate(x)) * up(x)`.
     fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
         // A decode step on a GPU: the gate|up product and SwiGLU in one kernel.
         if let Some(w) = self.gate_up_proj.dense_weight()
-            && let Some(h) = super::cuda_decode::swiglu(x, w)?
+            && let Some(h) = super::cuda_decode::swiglu(x, None, w)?
         {
             return Ok(h);
         }

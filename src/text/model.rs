@@ -137,8 +137,20 @@ impl Emu3TextModel {
         } else {
             Step::Generic { mask: cache.mask(t, &self.device)?.map(|m| m.to_dtype(self.dtype)).transpose()? }
         };
-        // Each block's output is added to the residual stream by the next norm (`add_norm`).
         let mut x = self.embed_tokens.forward(ids)?;
+        if let Step::Fused { pad } = &step
+            && cuda_decode::norm_fold(&self.device)
+        {
+            // Each norm inside the product after it, each residual add inside the output
+            // projection before it: five launches per layer.
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.self_attn.forward_residual(&x, &layer.input_layernorm, &cos, &sin, pad, cache.layer_mut(i))?;
+                x = layer.mlp.forward_residual(&x, &layer.post_attention_layernorm)?;
+            }
+            cache.advance(t);
+            return cuda_decode::normed(&x, &self.norm);
+        }
+        // Each block's output is added to the residual stream by the next norm (`add_norm`).
         let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let (sum, h) = add_norm(&layer.input_layernorm, x, pending.take())?;
