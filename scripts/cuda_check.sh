@@ -26,20 +26,7 @@ step setup
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ldd "$T" | grep -E "cuda|cublas|curand|nvrtc" || true
 
-[ "$DEV" = cuda ] && step "HBM copy bandwidth" && \
-python3 - <<'PY' | tee -a "$R"
-import json, torch
-n = 1 << 30  # 1 Gi float32 = 4 GiB
-a = torch.empty(n, device="cuda"); a.uniform_(); b = torch.empty_like(a)
-for _ in range(3): b.copy_(a)
-torch.cuda.synchronize()
-s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-ts = []
-for _ in range(10):
-    s.record(); b.copy_(a); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e) / 1e3)
-ts.sort(); t = ts[len(ts) // 2]
-print(json.dumps({"check": "hbm_copy", "bytes_moved": 2 * 4 * n, "median_s": t, "GBps": 2 * 4 * n / t / 1e9}))
-PY
+[ "$DEV" = cuda ] && step "HBM copy bandwidth" && python3 scripts/hbm_copy.py | tee -a "$R"
 
 step "warm-up (PTX JIT) on a fixture"
 t0=$(date +%s%N)

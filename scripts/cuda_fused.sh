@@ -3,17 +3,19 @@
 # (environment of the same binary):
 #   base:   TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1   (run 4's path: candle ops, cuBLAS)
 #   events: TESSERA_CUDA_FUSED=0                          (cudarc's event tracking off only)
-#   cublas:  TESSERA_CUDA_GEMV_MAX=0                      (the fused kernels, every product by cuBLAS)
+#   cublas:  TESSERA_CUDA_GEMV_MAX=0 + fused               (the fused kernels, every product by cuBLAS)
 #   small:   TESSERA_CUDA_GEMV_MAX=16777216 + unfused      (the GEMV kernel for weights up to 4096^2 only)
-#   unfused: TESSERA_CUDA_PROJ_FUSED=0                    (the GEMV for every product; RoPE and
+#   unfused: TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_PDL=0 (the GEMV for every product; RoPE and
 #            SwiGLU each their own launch)
-#   fused:   defaults                                     (+ RoPE and SwiGLU inside the q|k|v and
+#   fused:   TESSERA_CUDA_PDL=0 TESSERA_CUDA_NORM_FOLD=0  (+ RoPE and SwiGLU inside the q|k|v and
 #            gate|up GEMVs)
-#   pdl:     TESSERA_CUDA_PDL=1                           (+ programmatic dependent launch: each
+#   pdl:     TESSERA_CUDA_NORM_FOLD=0                     (+ programmatic dependent launch: each
 #            kernel may start while the previous one finishes)
-#   fold:    TESSERA_CUDA_NORM_FOLD=1                     (+ each RMSNorm inside the product after it,
-#            each residual add inside the output projection: 5 launches per layer)
-#   foldpdl: both
+#   fold:    TESSERA_CUDA_PDL=0                           (fused + each RMSNorm inside the product
+#            after it, each residual add inside the output projection: 5 launches per layer)
+#   foldpdl: defaults                                     (both)
+#   prev:    the binary at .cuda/tessera-cuda-prev.xz (an earlier build, when carried) with
+#            TESSERA_CUDA_PDL=1 TESSERA_CUDA_NORM_FOLD=1: kernel changes against the previous build
 # A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
 # shipped-model greedy codes are checked too.
 # Steps, most telling first: KERNELS=1 checks and times the kernels alone
@@ -36,22 +38,26 @@ A=${A:-unfused}
 B=${B:-fused}
 NEG="lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
 [ -n "${T_BIN:-}" ] || { xz -dc .cuda/tessera-cuda.xz > "$T" && chmod +x "$T"; }
+T_PREV=/tmp/tessera-cuda-prev
+[ -f .cuda/tessera-cuda-prev.xz ] && xz -dc .cuda/tessera-cuda-prev.xz > "$T_PREV" && chmod +x "$T_PREV"
 [ "$DEV" = cuda ] && . scripts/cuda_env.sh
 variant() {  # name -> environment
   case $1 in
     base) echo "TESSERA_CUDA_FUSED=0 TESSERA_CUDA_EVENTS=1" ;;
     events) echo "TESSERA_CUDA_FUSED=0" ;;
-    cublas) echo "TESSERA_CUDA_GEMV_MAX=0" ;;
-    small) echo "TESSERA_CUDA_GEMV_MAX=16777216 TESSERA_CUDA_PROJ_FUSED=0" ;;
-    unfused) echo "TESSERA_CUDA_PROJ_FUSED=0" ;;
-    fused) echo "TESSERA_CUDA_FUSED=1" ;;
-    pdl) echo "TESSERA_CUDA_PDL=1" ;;
-    fold) echo "TESSERA_CUDA_NORM_FOLD=1" ;;
-    foldpdl) echo "TESSERA_CUDA_NORM_FOLD=1 TESSERA_CUDA_PDL=1" ;;
+    cublas) echo "TESSERA_CUDA_GEMV_MAX=0 TESSERA_CUDA_PDL=0 TESSERA_CUDA_NORM_FOLD=0" ;;
+    small) echo "TESSERA_CUDA_GEMV_MAX=16777216 TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_PDL=0" ;;
+    unfused) echo "TESSERA_CUDA_PROJ_FUSED=0 TESSERA_CUDA_PDL=0" ;;
+    fused) echo "TESSERA_CUDA_PDL=0 TESSERA_CUDA_NORM_FOLD=0" ;;
+    pdl) echo "TESSERA_CUDA_NORM_FOLD=0" ;;
+    fold) echo "TESSERA_CUDA_PDL=0" ;;
+    foldpdl) echo "TESSERA_CUDA_FUSED=1" ;;
+    prev) echo "TESSERA_CUDA_NORM_FOLD=1 TESSERA_CUDA_PDL=1" ;;
   esac
 }
+binary() { if [ "$1" = prev ]; then echo "$T_PREV"; else echo "$T"; fi; }
 gen() {  # variant, then gen arguments; prints the JSON
-  env $(variant "$1") timeout 150 "$T" gen "${@:2}" --device $DEV -q --json
+  env $(variant "$1") timeout 150 "$(binary "$1")" gen "${@:2}" --device $DEV -q --json
 }
 record() { echo "$1" >> "$R"; echo "RESULT $1"; }
 
@@ -61,7 +67,9 @@ if [ "${KERNELS:-1}" = 1 ] && [ "$DEV" = cuda ]; then
 fi
 
 echo "=== warm-up (PTX JIT) $(date +%T)"
-timeout 120 "$T" gen "a cat" --model tests/fixtures/tiny-t4 --device $DEV --size 8x6 -o /tmp/w.png -q --seed 1 > /dev/null
+for t in "$T" $([ -x "$T_PREV" ] && echo "$T_PREV"); do
+  timeout 120 "$t" gen "a cat" --model tests/fixtures/tiny-t4 --device $DEV --size 8x6 -o /tmp/w.png -q --seed 1 > /dev/null
+done
 
 echo "=== shipped model: greedy codes $(date +%T)"
 # B and the EXTRA variants, each against transformers' f32 codes and against A.
@@ -87,6 +95,7 @@ done
 if [ "${EMU3:-1}" = 1 ]; then
   echo "=== Emu3-Gen shape: random bf16 weights $(date +%T)"
   [ -f /tmp/emu3gen/config.json ] || timeout 150 python3 scripts/make_random_model.py --preset emu3-gen --out /tmp/emu3gen --device cuda --seed 0
+  python3 scripts/hbm_copy.py | tee -a "$R"  # the floor's bandwidth, in the same run
   for v in ${EMU3_ORDER:-$A $B $B $A}; do
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/mem.log &
     mp=$!
@@ -117,7 +126,7 @@ PY
       echo "=== ncu: $v $(date +%T)"
       env $(variant "$v") timeout 280 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
         --launch-skip ${NCU_SKIP:-6000} --launch-count ${NCU_COUNT:-1000} \
-        "$T" gen "a red cat sits on a mat." --model /tmp/emu3gen --dtype bf16 --size 128x128 --cfg 3 \
+        "$(binary "$v")" gen "a red cat sits on a mat." --model /tmp/emu3gen --dtype bf16 --size 128x128 --cfg 3 \
         --temperature 0 --seed 1 --device cuda -q -o /tmp/p.png > "$OUT/ncu-$v.csv" 2> /tmp/ncu-$v.err
       tail -n 3 /tmp/ncu-$v.err
       python3 - "$OUT/ncu-$v.csv" "$v" <<'PY' | tee -a "$R"
@@ -154,7 +163,7 @@ fi
 
 if [ "$LIMIT" != 0 ]; then
   echo "=== shipped model: judge, $LIMIT per category, $B $(date +%T)"
-  j=$(env $(variant "$B") timeout 150 "$T" eval --bench eval/bench.jsonl --model default --device $DEV --limit $LIMIT --batch-size 50 --json -q)
+  j=$(env $(variant "$B") timeout 150 "$(binary "$B")" eval --bench eval/bench.jsonl --model default --device $DEV --limit $LIMIT --batch-size 50 --json -q)
   record "{\"check\": \"shipped_eval\", \"variant\": \"$B\", \"limit\": $LIMIT, \"seed\": 0, \"report\": ${j:-null}}"
 fi
 

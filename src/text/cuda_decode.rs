@@ -1,11 +1,12 @@
 //! The fused CUDA path of a decode step (one new token per row), kernels in `decode_kernels.cu`.
-//! Per layer: one launch adds the previous block's output to the residual stream and applies the
-//! RMSNorm (twice per layer); one does the q|k|v product, rotates the new queries and keys and
-//! writes the keys and values into the cache; one does the whole grouped-query attention of the
-//! new token; one does the gate|up product and SwiGLU's `silu(gate) * up`; and `o_proj` and
-//! `down_proj` run as a GEMV kernel (a few rows against a weight, in one launch where cuBLAS
-//! takes a split-K GEMM and a reduction). Seven launches per layer in place of about 25 candle
-//! ops.
+//! Per layer, five launches in place of about 25 candle ops: one normalises the residual stream
+//! (the RMSNorm), does the q|k|v product, rotates the new queries and keys and writes the keys
+//! and values into the cache; one does the whole grouped-query attention of the new token;
+//! `o_proj` adds its product to the residual stream; one normalises that, does the gate|up
+//! product and SwiGLU's `silu(gate) * up`; and `down_proj` adds its product to the residual
+//! stream. The products are a GEMV kernel (a few rows against a weight, in one launch where
+//! cuBLAS takes a split-K GEMM and a reduction). On compute capability 9.0 and newer the kernels
+//! go out with programmatic dependent launch: each may start while the one before it finishes.
 //!
 //! Used when built with `cuda`, on a CUDA device, for f32/bf16/f16 weights, head dimensions of
 //! 32, 64 or 128 and caches short enough for the attention's shared memory (the GEMV: at most
@@ -13,10 +14,9 @@
 //! candle's ops. `TESSERA_CUDA_FUSED=0` turns it all off, `TESSERA_CUDA_GEMV_MAX` sets the
 //! GEMV's largest weight (0: cuBLAS for every product) and `TESSERA_CUDA_PROJ_FUSED=0` keeps the
 //! q|k|v and gate|up products apart from RoPE and SwiGLU (for before/after measurements in one
-//! binary), `TESSERA_CUDA_PDL=1` launches the kernels with programmatic dependent launch
-//! (compute capability 9.0+: each kernel may start while the one before it finishes) and
-//! `TESSERA_CUDA_NORM_FOLD=1` folds each RMSNorm into the product after it and each residual
-//! add into the output projection before it (five launches per layer; both off until measured);
+//! binary), `TESSERA_CUDA_PDL=0` launches the kernels one after the other and
+//! `TESSERA_CUDA_NORM_FOLD=0` keeps the residual adds and RMSNorms in their own launches
+//! (`add_rms_norm`: seven launches per layer);
 //! `scripts/check_decode_kernels.py` checks each kernel against a float64 reference on a GPU.
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -180,15 +180,15 @@ pub fn swiglu(x: &Tensor, norm: Option<&RmsNorm>, w: &Tensor) -> Result<Option<T
 
 /// Whether a decode step folds each RMSNorm into the product after it (`gemv_rope`,
 /// `gemv_swiglu` norm their input themselves) and each output projection adds the residual
-/// (`TESSERA_CUDA_NORM_FOLD=1`; off until measured on a GPU). Layers then go through
-/// `Attention::forward_residual` and `Mlp::forward_residual`.
+/// (the default; `TESSERA_CUDA_NORM_FOLD=0`: separate `add_rms_norm` launches). Layers then go
+/// through `Attention::forward_residual` and `Mlp::forward_residual`.
 pub fn norm_fold(dev: &Device) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     dev.is_cuda()
         && cfg!(feature = "cuda")
         && enabled()
         && proj_fused()
-        && *ON.get_or_init(|| std::env::var("TESSERA_CUDA_NORM_FOLD").is_ok_and(|v| v == "1"))
+        && *ON.get_or_init(|| !std::env::var("TESSERA_CUDA_NORM_FOLD").is_ok_and(|v| v == "0"))
 }
 
 /// `resid + proj(y)`: the output projection and the residual add in one GEMV kernel when they
@@ -402,14 +402,14 @@ mod kernels {
         }};
     }
 
-    /// Whether launches use programmatic dependent launch: `TESSERA_CUDA_PDL=1` and kernels
-    /// built for compute capability 9.0 or newer (`griddepcontrol`; such PTX loads on no older
-    /// GPU). Off by default until measured on a GPU.
+    /// Whether launches use programmatic dependent launch: kernels built for compute capability
+    /// 9.0 or newer (`griddepcontrol`; such PTX loads on no older GPU), unless
+    /// `TESSERA_CUDA_PDL=0`.
     fn pdl() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| {
             let cap: u32 = option_env!("TESSERA_CUDA_CAP").and_then(|c| c.parse().ok()).unwrap_or(0);
-            cap >= 90 && std::env::var("TESSERA_CUDA_PDL").is_ok_and(|v| v == "1")
+            cap >= 90 && !std::env::var("TESSERA_CUDA_PDL").is_ok_and(|v| v == "0")
         })
     }
 

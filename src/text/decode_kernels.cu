@@ -13,9 +13,9 @@
 // gemv_swiglu: the gate|up projection and SwiGLU in one launch (replaces gemv + silu_mul).
 // gemv_rope: the q|k|v projection, RoPE and the cache write in one launch (replaces gemv +
 //   rope_append).
-// gemv_add, gemv_rope_norm, gemv_swiglu_norm (TESSERA_CUDA_NORM_FOLD=1): the output projections
-//   add the residual, and the next products apply the RMSNorm themselves (replaces the two
-//   add_rms_norm launches of a layer).
+// gemv_add, gemv_rope_norm, gemv_swiglu_norm (the default; off with TESSERA_CUDA_NORM_FOLD=0):
+//   the output projections add the residual, and the next products apply the RMSNorm themselves
+//   (replaces the two add_rms_norm launches of a layer).
 // add_rms_norm: the residual add and the RMSNorm that follows it (replaces an add and a norm).
 // silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
 //   strided SiLU and a multiply).
