@@ -13,7 +13,8 @@
 # Warm start: WARM=ROOT (the repo root, with weights/ and tokenizer/) keeps ROOT's tokenizer (the
 # LM's ids must not move) and continues ROOT's VQ (vq.py --init ROOT) instead of starting afresh.
 # If the VQ's fast training forward fails, the VQ reruns once with transformers' forward.
-# Environment overrides (CPU smoke tests): BUDGET RESERVE_A VQ_MAX PY WORLD PROCS DATA_ARGS TOK_ARGS VQ_ARGS WARM
+# ENCODE=0 skips encoding the LM's data (a VQ-only trial; a cold stage B encodes it from the VQ).
+# Environment overrides (CPU smoke tests): BUDGET RESERVE_A VQ_MAX PY WORLD PROCS DATA_ARGS TOK_ARGS VQ_ARGS WARM ENCODE
 set -euo pipefail
 RUN=${1:?usage: bash training/stage_a.sh RUN [OUTDIR]  (RUN: a scratch directory on the local disk)}
 OUTDIR=${2:-${OUT:?set OUT or pass OUTDIR}}
@@ -59,9 +60,11 @@ trap copy_out EXIT
   if [ "$VQ_SECONDS" -lt 30 ]; then VQ_SECONDS=30; fi
   echo "[stage A] tokenizer done at ${ELAPSED}s; VQ gets ${VQ_SECONDS}s"
   DEADLINE=$(( START + BUDGET - RESERVE_A ))
-  if ! $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" --encode ${VQ_ARGS:-}; then
+  ENC=--encode
+  [ "${ENCODE:-1}" = 0 ] && ENC=
+  if ! $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" $ENC ${VQ_ARGS:-}; then
     echo "[stage A] vq.py failed at $(( $(date +%s) - START ))s: rerunning with --hf-forward"
-    $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" --deadline "$DEADLINE" --encode --hf-forward ${VQ_ARGS:-}
+    $PY training/vq.py --run "$RUN" --seconds "$VQ_SECONDS" --deadline "$DEADLINE" $ENC --hf-forward ${VQ_ARGS:-}
   fi
   echo "[stage A] done in $(( $(date +%s) - START ))s"
 } 2>&1 | tee "$LOG"
