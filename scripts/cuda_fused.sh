@@ -24,7 +24,9 @@
 # default "A B B A"); NCU=1 profiles a few Emu3-Gen decode steps of A and B with ncu (GPU time per
 # kernel against the wall time of a step); the judge on a bench sample with B (LIMIT per
 # category, padded batches; LIMIT=0 skips it); N8=1 the shipped model's -n 8 decode time.
-# Needs the CUDA build, xz-compressed, at .cuda/tessera-cuda.xz (carried; see cuda_check.sh).
+# Needs the CUDA build, xz-compressed, at .cuda/tessera-cuda.xz or T_XZ (carried; see cuda_check.sh).
+# Two builds too large to carry together compare in two calls on the same warm machine (T_XZ and
+# carry set to each in turn; the Emu3-Gen weights and the PTX cache stay between the calls).
 # Usage on the device machine: bash scripts/cuda_fused.sh   (results in $OUT/fused.jsonl)
 set -u
 OUT=${OUT:-/tmp/cuda-fused}
@@ -37,7 +39,7 @@ LIMIT=${LIMIT:-25}
 A=${A:-unfused}
 B=${B:-fused}
 NEG="lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, username, blurry."
-[ -n "${T_BIN:-}" ] || { xz -dc .cuda/tessera-cuda.xz > "$T" && chmod +x "$T"; }
+[ -n "${T_BIN:-}" ] || { xz -dc "${T_XZ:-.cuda/tessera-cuda.xz}" > "$T" && chmod +x "$T"; }
 T_PREV=/tmp/tessera-cuda-prev
 [ -f .cuda/tessera-cuda-prev.xz ] && xz -dc .cuda/tessera-cuda-prev.xz > "$T_PREV" && chmod +x "$T_PREV"
 [ "$DEV" = cuda ] && . scripts/cuda_env.sh
