@@ -6,14 +6,16 @@
 # Warm machine: uses RUN/codes, RUN/tokenizer and RUN/vq from stage A. Cold machine (no
 # RUN/codes/DONE): copies vq.safetensors, tokenizer.json, tokenizer_config.json from FROM
 # (default training/runs/stage_a, i.e. stage A's $OUT files put there), regenerates the same data
-# (same seeds) and re-encodes it; the LM then gets correspondingly less time.
+# (same seeds) and re-encodes it; the LM then gets correspondingly less time. With VQ_ROOT=ROOT
+# (a model root) a cold machine takes the VQ from ROOT/weights and the tokenizer from
+# ROOT/tokenizer instead (training/swap_vq.py --extract): a VQ can travel inside weights/.
 # The LM's time budget is what is left of BUDGET seconds minus RESERVE_B (LM start-up, export,
 # checks, packing), capped at LM_MAX.
 # OUTDIR receives: ship.tar.part-00.. (tar of weights/ + tokenizer/, split in 15 MiB parts:
 # `cat ship.tar.part-* | tar -x`), check.tar (export/check: greedy tokens JSON + PNGs + summary,
 # lm_config.json), lm_log.csv, stage_b.log. If the export failed: lm_f16.tar.part-* instead
 # (RUN/lm/{lm.safetensors (f16), lm_config.json}) so export.py can be rerun on the CPU machine.
-# Environment overrides (CPU smoke tests): BUDGET RESERVE_B LM_MAX PY WORLD PROCS FROM DATA_ARGS LM_ARGS ENCODE_ARGS
+# Environment overrides (CPU smoke tests): BUDGET RESERVE_B LM_MAX PY WORLD PROCS FROM VQ_ROOT DATA_ARGS LM_ARGS ENCODE_ARGS
 set -euo pipefail
 RUN=${1:?usage: bash training/stage_b.sh RUN [OUTDIR]  (RUN: a scratch directory on the local disk)}
 OUTDIR=${2:-${OUT:?set OUT or pass OUTDIR}}
@@ -53,13 +55,19 @@ rm -rf "$RUN/export" "$RUN/ship.tar" "$RUN/lm_f16.tar" "$RUN/fallback"
   echo "[stage B] start $(date -u +%FT%TZ) run=$RUN budget=${BUDGET}s"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "[stage B] no nvidia-smi"
   if [ ! -f "$RUN/codes/DONE" ]; then
-    echo "[stage B] cold machine: rebuilding data and codes from $FROM"
-    for f in vq.safetensors tokenizer.json tokenizer_config.json; do
-      [ -f "$FROM/$f" ] || { echo "[stage B] missing $FROM/$f (stage A's \$OUT files)"; exit 1; }
-    done
     mkdir -p "$RUN/vq" "$RUN/tokenizer"
-    cp "$FROM/vq.safetensors" "$RUN/vq/"
-    cp "$FROM/tokenizer.json" "$FROM/tokenizer_config.json" "$RUN/tokenizer/"
+    if [ -n "${VQ_ROOT:-}" ]; then
+      echo "[stage B] cold machine: rebuilding data and codes with the VQ of $VQ_ROOT/weights"
+      $PY training/swap_vq.py --root "$VQ_ROOT" --extract "$RUN/vq/vq.safetensors"
+      cp "$VQ_ROOT/tokenizer/tokenizer.json" "$VQ_ROOT/tokenizer/tokenizer_config.json" "$RUN/tokenizer/"
+    else
+      echo "[stage B] cold machine: rebuilding data and codes from $FROM"
+      for f in vq.safetensors tokenizer.json tokenizer_config.json; do
+        [ -f "$FROM/$f" ] || { echo "[stage B] missing $FROM/$f (stage A's \$OUT files)"; exit 1; }
+      done
+      cp "$FROM/vq.safetensors" "$RUN/vq/"
+      cp "$FROM/tokenizer.json" "$FROM/tokenizer_config.json" "$RUN/tokenizer/"
+    fi
     $PY training/data.py --run "$RUN" --world "$WORLD" --procs "$PROCS" --n-heldout 0 ${DATA_ARGS:-}
     $PY training/encode.py --run "$RUN" ${ENCODE_ARGS:-}
   fi
