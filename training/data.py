@@ -10,6 +10,8 @@ RUN/data/<split>/shard_NNN/{samples.jsonl, images.u8} plus RUN/data/<split>/DONE
     t2i_20x12   text-to-image, W=96 H=160 px (grid H=20, W=12)
     edit_16x16  instruction edits, 128x128 px (source and target image)
     heldout     1,000 text-to-image 128x128 images with their own seed, for the VQ's PSNR
+    vq_text     extra 128x128 images of signs (the world's `text` category) for the VQ only:
+                none unless --n-vq-text asks (the LM, the tokenizer and encode.py ignore it)
 
 Split names carry the token grid as HxW (rows x columns); the binary's --size is W x H pixels.
 Seeds: shard s of split i uses SEED_BASE + 1000*i + s; no seed here is the bench seed (see
@@ -38,7 +40,10 @@ SPLITS = {
     "t2i_20x12": ("t2i", 96, 160, 40_000),
     "edit_16x16": ("edit", 128, 128, 80_000),
     "heldout": ("t2i", 128, 128, 1_000),
+    "vq_text": ("t2i", 128, 128, 0),
 }
+CATEGORIES = {"vq_text": "text"}  # splits drawn from some of the world's categories only
+VQ_ONLY = ("vq_text",)         # splits only the VQ trains on
 SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 PATCH = 8                  # VQ spatial factor: token grid = pixels / 8
 
@@ -79,6 +84,8 @@ def generate(run, world, procs, counts, shard_size=SHARD, log=print, seed_base=S
             out = os.path.join(root, f"shard_{shard:03d}")
             cmd = [world, "world", "sample", "--count", str(n), "--seed", str(shard_seed(split, shard, seed_base)),
                    "--size", f"{w}x{h}", "--task", task, "--out", out, "--format", "raw"]
+            if split in CATEGORIES:
+                cmd += ["--categories", CATEGORIES[split]]
             jobs.append((split, out, n, cmd))
     # The binary is itself parallel (rayon): give each process its share of the cores.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -185,7 +192,7 @@ def load_texts(run, max_texts=None):
     """All captions and instructions of the training splits (not the held-out one)."""
     texts = []
     for split in SPLITS:
-        if split == "heldout" or not os.path.exists(os.path.join(run, "data", split, "DONE")):
+        if split == "heldout" or split in VQ_ONLY or not os.path.exists(os.path.join(run, "data", split, "DONE")):
             continue
         texts.extend(text_of(r) for r in load_meta(run, split))
     if max_texts is not None and len(texts) > max_texts:

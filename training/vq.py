@@ -518,11 +518,11 @@ def lr_at(frac, peak, warmup=WARMUP_FRAC, min_frac=MIN_LR_FRAC):
 
 def load_pools(run, device, limit=None, log=print):
     """Training images on the device as uint8 NHWC. Returns (square pool, {split: view of it or
-    its own tensor}, [non-square tensors], held-out). The square pool holds the 128x128 t2i images
-    and both images of every edit, without an extra copy."""
+    its own tensor}, [non-square tensors], held-out). The square pool holds the 128x128 t2i images,
+    both images of every edit and the VQ-only splits (data.VQ_ONLY), without an extra copy."""
     t0 = time.time()
     arrays = {}
-    for split in ("t2i_16x16", "edit_16x16"):
+    for split in ("t2i_16x16", "edit_16x16", *data.VQ_ONLY):
         if os.path.exists(os.path.join(run, "data", split, "DONE")):
             arrays[split] = data.load_images(run, split, limit)
     n_sq = sum(a.shape[0] * (2 if a.ndim == 5 else 1) for a in arrays.values())
