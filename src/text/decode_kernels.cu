@@ -322,14 +322,25 @@ __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__re
   const uint4 *wr[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint4 *>(w + (size_t)wrow[r] * k);
-  // The weights do not depend on the previous kernel: start pulling this block's first ones into
-  // L2 while it may still be running, then wait for it before reading x.
+  // The weights do not depend on the previous kernel: load this thread's first GEMV_UNROLL vectors
+  // of each row (for k = 4096 in bf16, all of them) while it may still be running, or, for rows
+  // shorter than that, ask L2 for them; then wait for it before reading x. The norm's prologue
+  // below then runs while those loads are in flight.
+  uint32_t i = threadIdx.x;
+  const bool first_full = i + GEMV_THREADS * (GEMV_UNROLL - 1) < vecs;
+  uint4 w_first[R][GEMV_UNROLL];
+  if (first_full) {
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u)
-      if (threadIdx.x + GEMV_THREADS * u < vecs)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + threadIdx.x + GEMV_THREADS * u));
+      for (int u = 0; u < GEMV_UNROLL; ++u) w_first[r][u] = load_stream(wr[r] + i + GEMV_THREADS * u);
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int u = 0; u < GEMV_UNROLL; ++u)
+        if (i + GEMV_THREADS * u < vecs) asm volatile("prefetch.global.L2 [%0];" ::"l"(wr[r] + i + GEMV_THREADS * u));
+  }
   pdl_wait();
   const uint4 *gr = reinterpret_cast<const uint4 *>(g);
   float scale[M];
@@ -364,25 +375,32 @@ __device__ __forceinline__ void gemv_dots(const T *__restrict__ x, const T *__re
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
-  uint32_t i = threadIdx.x;
+  // The multiply-adds of GEMV_UNROLL vectors per row starting at vector `at`.
+  auto step = [&](const uint4 (&wv)[R][GEMV_UNROLL], uint32_t at) {
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; ++u) {
+      uint4 gv;
+      if constexpr (NORM) gv = __ldg(gr + at + GEMV_THREADS * u);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        uint4 xv = __ldg(xr + (size_t)m * vecs + at + GEMV_THREADS * u);
+        if constexpr (NORM) xv = norm16(xv, gv, scale[m], T());
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r][u], xv, T());
+      }
+    }
+  };
+  if (first_full) {
+    step(w_first, i);
+    i += GEMV_THREADS * GEMV_UNROLL;
+  }
   for (; i + GEMV_THREADS * (GEMV_UNROLL - 1) < vecs; i += GEMV_THREADS * GEMV_UNROLL) {
     uint4 wv[R][GEMV_UNROLL];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int u = 0; u < GEMV_UNROLL; ++u) wv[r][u] = load_stream(wr[r] + i + GEMV_THREADS * u);
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) {
-      uint4 gv;
-      if constexpr (NORM) gv = __ldg(gr + i + GEMV_THREADS * u);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        uint4 xv = __ldg(xr + (size_t)m * vecs + i + GEMV_THREADS * u);
-        if constexpr (NORM) xv = norm16(xv, gv, scale[m], T());
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][m] = dot16(acc[r][m], wv[r][u], xv, T());
-      }
-    }
+    step(wv, i);
   }
   for (; i < vecs; i += GEMV_THREADS) {
     uint4 wv[R];
