@@ -159,6 +159,14 @@ def attention_ref(q, kc, vc, pad, kv_len):
     return torch.einsum("bhj,bhjd->bhd", s.softmax(-1), v)
 
 
+def guided_argmax(mod, scores, cond, uncond, scale):
+    jobs, n = cond.shape[0], scores.shape[1]
+    picked = torch.full((jobs,), 0xFFFFFFF, dtype=torch.int32, device=scores.device)  # never a pick here
+    mod.get_function(f"guided_argmax_{SUFFIX[scores.dtype]}")(
+        (jobs,), (1024,), (ptr(scores), ptr(cond), ptr(uncond), ptr(scale), ptr(picked), np.uint32(n)))
+    return picked
+
+
 # --- checks ----------------------------------------------------------------------------------
 
 def check(mod, g):
@@ -258,6 +266,23 @@ def check(mod, g):
             good = e < TOL[dt]
             ok &= good
             record(check="attention", dtype=SUFFIX[dt], hd=hd, heads=h, kv_heads=kvh, kv_len=kv_len, rel_err=e, ok=good)
+        # Guidance and the greedy pick: two guided jobs (rows 0, 1 against 2, 3) and one without
+        # guidance (its row as both); equal to torch's f32 ops and argmax (the first maximum),
+        # including planted ties: the same scores at two indices, made the largest.
+        for n in (32768, 1001, 37):
+            scores = torch.randn(4, n, generator=g, device=dev).to(dt) * 4
+            j1, j2 = n // 3, n // 3 + 5
+            for r, bump in ((0, 100), (2, 1)):
+                scores[r, j1] = scores[r, j2] = bump
+            cond = torch.tensor([0, 1, 3], dtype=torch.int32, device=dev)
+            uncond = torch.tensor([2, 3, 3], dtype=torch.int32, device=dev)
+            scale = torch.tensor([3.0, 2.5, 1.0], dtype=torch.float32, device=dev)
+            f = scores.float()
+            ref = ((f[cond.long()] - f[uncond.long()]) * scale[:, None] + f[uncond.long()]).argmax(-1)
+            got = guided_argmax(mod, scores, cond, uncond, scale)
+            good = bool(torch.equal(got.long(), ref)) and int(ref[0]) == j1
+            ok &= good
+            record(check="guided_argmax", dtype=SUFFIX[dt], n=n, picked=got.tolist(), torch=ref.tolist(), ok=good)
     return ok
 
 

@@ -14,6 +14,8 @@
 #   fold:    TESSERA_CUDA_PDL=0                           (fused + each RMSNorm inside the product
 #            after it, each residual add inside the output projection: 5 launches per layer)
 #   foldpdl: defaults                                     (both)
+#   noargmax: TESSERA_CUDA_GUIDED_ARGMAX=0                (foldpdl with guidance and the greedy pick
+#            as candle's tensor ops and argmax instead of one kernel)
 #   prev:    the binary at .cuda/tessera-cuda-prev.xz (an earlier build, when carried) with
 #            TESSERA_CUDA_PDL=1 TESSERA_CUDA_NORM_FOLD=1: kernel changes against the previous build
 # A and B name the two variants compared (default A=unfused B=fused); EXTRA more variants whose
@@ -54,6 +56,7 @@ variant() {  # name -> environment
     pdl) echo "TESSERA_CUDA_NORM_FOLD=0" ;;
     fold) echo "TESSERA_CUDA_PDL=0" ;;
     foldpdl) echo "TESSERA_CUDA_FUSED=1" ;;
+    noargmax) echo "TESSERA_CUDA_GUIDED_ARGMAX=0" ;;
     prev) echo "TESSERA_CUDA_NORM_FOLD=1 TESSERA_CUDA_PDL=1" ;;
   esac
 }

@@ -180,7 +180,7 @@ pub fn generate_with(
             }
             Slot::Cell { .. } if feed.is_some() => {
                 let (Some(g), Some(f)) = (&guidance, &feed) else { unreachable!("feed implies guidance") };
-                let picked = g.pick(&head.forward(&last)?)?;
+                let picked = g.pick(&head.scores(&last)?)?;
                 step_input = Some(f.ids(&picked)?);
                 pending.push(picked);
             }
@@ -190,7 +190,7 @@ pub fn generate_with(
                 let scores = if !needs_logits {
                     None
                 } else if let Some(g) = &guidance {
-                    Some(g.scores(&head.forward(&last)?)?)
+                    Some(g.scores(&head.scores(&last)?)?)
                 } else {
                     Some(Scores::Rows(head.forward_rows(&last)?))
                 };
@@ -276,7 +276,9 @@ enum Scores {
 struct DeviceGuidance {
     cond: Tensor,
     uncond: Tensor,
+    /// `(jobs, 1)`, for broadcasting; `scale_flat` is the same `(jobs,)`.
     scale: Tensor,
+    scale_flat: Tensor,
     all_greedy: bool,
 }
 
@@ -289,29 +291,35 @@ impl DeviceGuidance {
         Ok(Self {
             cond: Tensor::new(cond, dev)?,
             uncond: Tensor::new(uncond, dev)?,
+            scale_flat: Tensor::new(scale.as_slice(), dev)?,
             scale: Tensor::from_vec(scale, (n, 1), dev)?,
             all_greedy: jobs.iter().all(|j| j.params.temperature <= 0.0),
         })
     }
 
-    fn guided(&self, logits: &Tensor) -> Result<Tensor> {
+    /// `scores`: the head's output in the model's dtype.
+    fn guided(&self, scores: &Tensor) -> Result<Tensor> {
+        let logits = scores.to_dtype(DType::F32)?;
         let cond = logits.index_select(&self.cond, 0)?;
         let uncond = logits.index_select(&self.uncond, 0)?;
         Ok((cond - &uncond)?.broadcast_mul(&self.scale)?.add(&uncond)?)
     }
 
-    fn scores(&self, logits: &Tensor) -> Result<Scores> {
-        let guided = self.guided(logits)?;
+    fn scores(&self, scores: &Tensor) -> Result<Scores> {
         Ok(if self.all_greedy {
-            Scores::Picked(guided.argmax(D::Minus1)?.to_vec1::<u32>()?)
+            Scores::Picked(self.pick(scores)?.to_vec1::<u32>()?)
         } else {
-            Scores::Guided(guided.to_vec2::<f32>()?)
+            Scores::Guided(self.guided(scores)?.to_vec2::<f32>()?)
         })
     }
 
-    /// Each job's greedy code `(jobs,)` u32, left on the device.
-    fn pick(&self, logits: &Tensor) -> Result<Tensor> {
-        Ok(self.guided(logits)?.argmax(D::Minus1)?)
+    /// Each job's greedy code `(jobs,)` u32, left on the device: one kernel on a GPU
+    /// (`text::guided_argmax`), else guidance as tensor ops and an argmax.
+    fn pick(&self, scores: &Tensor) -> Result<Tensor> {
+        if let Some(picked) = crate::text::guided_argmax(scores, &self.cond, &self.uncond, &self.scale_flat)? {
+            return Ok(picked);
+        }
+        Ok(self.guided(scores)?.argmax(D::Minus1)?)
     }
 }
 
@@ -364,9 +372,14 @@ impl HeadRows {
 
     /// hidden `(b, 1, d)` -> f32 logits `(b, rows)` of the selected rows, on the model's device.
     pub fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.scores(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`HeadRows::forward`] in the model's dtype.
+    pub fn scores(&self, hidden: &Tensor) -> Result<Tensor> {
         // CUDA matmul needs a contiguous lhs; the last position of a (b, t, d) batch is strided.
         let x = hidden.squeeze(1)?.contiguous()?;
-        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self.head.forward(&x)?)
     }
 
     /// Bytes the head's product reads per weight (see [`Linear::bytes_per_weight`]).

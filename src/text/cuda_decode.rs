@@ -213,6 +213,33 @@ pub fn normed(x: &Tensor, norm: &RmsNorm) -> Result<Tensor> {
     }
 }
 
+/// Each job's greedy pick `(jobs,)` u32 from the head's scores `(rows, n)` (f32, bf16 or f16):
+/// the first index of the largest `(s[cond] - s[uncond]) * scale + s[uncond]`, in f32 one
+/// rounded operation at a time, as the scores cast to f32, guidance as tensor ops and an argmax
+/// keeping the first maximum compute it. One kernel on a CUDA device; `None` elsewhere, with the
+/// fused path off or with `TESSERA_CUDA_GUIDED_ARGMAX=0`. `cond`, `uncond`: `(jobs,)` u32 rows
+/// of `scores`; `scale`: `(jobs,)` f32.
+pub fn guided_argmax(scores: &Tensor, cond: &Tensor, uncond: &Tensor, scale: &Tensor) -> Result<Option<Tensor>> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let jobs = cond.elem_count();
+    let ok = scores.device().is_cuda()
+        && cfg!(feature = "cuda")
+        && enabled()
+        && *ON.get_or_init(|| !std::env::var("TESSERA_CUDA_GUIDED_ARGMAX").is_ok_and(|v| v == "0"))
+        && matches!(scores.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && scores.rank() == 2
+        && scores.is_contiguous()
+        && jobs > 0
+        && [cond, uncond].iter().all(|t| t.dtype() == DType::U32 && t.is_contiguous() && t.elem_count() == jobs)
+        && scale.dtype() == DType::F32
+        && scale.is_contiguous()
+        && scale.elem_count() == jobs;
+    if !ok {
+        return Ok(None);
+    }
+    guided_argmax_launch(scores, cond, uncond, scale).map(Some)
+}
+
 /// Whether a GEMV of `x`'s rows can apply `norm` to them (the norm's weight covers the `k`
 /// inputs, in x's dtype).
 fn norm_fits(norm: &RmsNorm, x: &Tensor, k: usize) -> bool {
@@ -294,6 +321,17 @@ fn gemv_add_launch(x: &Tensor, w: &Tensor, resid: &Tensor, rows: usize, n: usize
 #[cfg(not(feature = "cuda"))]
 fn gemv_add_launch(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: usize, _: usize) -> Result<Tensor> {
     candle_core::bail!("the GEMV with the residual add needs a build with the `cuda` feature")
+}
+
+#[cfg(feature = "cuda")]
+fn guided_argmax_launch(scores: &Tensor, cond: &Tensor, uncond: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let op = kernels::GuidedArgmax { cond: cond.clone(), uncond: uncond.clone(), scale: scale.clone() };
+    scores.apply_op1_no_bwd(&op)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn guided_argmax_launch(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+    candle_core::bail!("the fused guidance and argmax need a build with the `cuda` feature")
 }
 
 #[cfg(feature = "cuda")]
@@ -808,4 +846,56 @@ mod kernels {
     }
 
     cuda_op2!(AddRmsNorm, "tessera-add-rms-norm");
+
+    /// Guidance and the greedy pick of every job: input the head's scores `(rows, n)`; output
+    /// `(jobs,)` u32. The jobs' rows and scales are held (see `cuda_decode::guided_argmax`).
+    pub(super) struct GuidedArgmax {
+        pub cond: Tensor,
+        pub uncond: Tensor,
+        pub scale: Tensor,
+    }
+
+    const PICK_THREADS: u32 = 1024; // PICK_THREADS in the kernel: one block per job
+
+    impl GuidedArgmax {
+        fn launch<T: CudaDType + DeviceRepr + WithDType>(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let n = l.dims()[1];
+            let jobs = self.cond.elem_count();
+            let dev = s.device().clone();
+            let scores = view::<T>(s, l, "head scores")?;
+            let (cs, cl) = held(&self.cond)?;
+            let (us, ul) = held(&self.uncond)?;
+            let (gs, gl) = held(&self.scale)?;
+            let cond = view::<u32>(cuda(&cs), cl, "conditional rows")?;
+            let uncond = view::<u32>(cuda(&us), ul, "unconditional rows")?;
+            let scale = view::<f32>(cuda(&gs), gl, "guidance scales")?;
+            // SAFETY: every element is written by the kernel.
+            let picked = unsafe { dev.alloc::<u32>(jobs)? };
+            let func = dev.get_or_load_custom_func(&format!("guided_argmax_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig { grid_dim: (jobs as u32, 1, 1), block_dim: (PICK_THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match the kernel's signature; shapes checked by
+            // `cuda_decode::guided_argmax` (the rows in cond/uncond come from the caller's jobs).
+            launch!(dev, func, cfg, [&scores, &cond, &uncond, &scale, &picked], [n as u32]);
+            Ok((u32::wrap_cuda_slice(picked, dev), Shape::from(jobs)))
+        }
+    }
+
+    impl candle_core::CustomOp1 for GuidedArgmax {
+        fn name(&self) -> &'static str {
+            "tessera-guided-argmax"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused guidance and argmax run on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            match s.dtype() {
+                DType::F32 => self.launch::<f32>(s, l),
+                DType::BF16 => self.launch::<half::bf16>(s, l),
+                DType::F16 => self.launch::<half::f16>(s, l),
+                other => candle_core::bail!("guided_argmax: unsupported dtype {other:?}"),
+            }
+        }
+    }
 }

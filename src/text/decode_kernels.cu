@@ -17,6 +17,8 @@
 //   the output projections add the residual, and the next products apply the RMSNorm themselves
 //   (replaces the two add_rms_norm launches of a layer).
 // add_rms_norm: the residual add and the RMSNorm that follows it (replaces an add and a norm).
+// guided_argmax: classifier-free guidance and the greedy pick of every job from the head's scores
+//   (replaces a cast, two row gathers, three elementwise ops and an argmax per step).
 // silu_mul: SwiGLU's silu(gate) * up straight from the fused gate|up projection (replaces a
 //   strided SiLU and a multiply).
 //
@@ -544,6 +546,59 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
   out[idx] = fromf<T>(round_t<T>(g / (1.f + expf(-g))) * u);
 }
 
+// scores: (rows, n), the head's output for the candidate tokens; cond, uncond: (jobs,) the row of
+// each job's conditional and unconditional scores (the same row for a job without guidance);
+// scale: (jobs,) its guidance scale. picked[job] = the first j with the largest
+// (s[cond][j] - s[uncond][j]) * scale + s[uncond][j], computed in f32 one rounded operation at a
+// time (no fused multiply-add), as the scores cast to f32 and then a subtraction, a
+// multiplication and an addition as tensor ops compute it, and an argmax that keeps the first
+// maximum (torch's). One block of PICK_THREADS threads per job.
+#define PICK_THREADS 1024
+template <typename T>
+__device__ void guided_argmax(const T *scores, const uint32_t *cond, const uint32_t *uncond, const float *scale,
+                              uint32_t *picked, uint32_t n) {
+  __shared__ float best_v[PICK_THREADS / 32];
+  __shared__ uint32_t best_i[PICK_THREADS / 32];
+  pdl_launch_dependents();
+  pdl_wait();
+  const uint32_t job = blockIdx.x;
+  const T *c = scores + (size_t)cond[job] * n;
+  const T *u = scores + (size_t)uncond[job] * n;
+  const float g = scale[job];
+  float bv = -INFINITY;
+  uint32_t bi = 0xffffffffu;
+  for (uint32_t j = threadIdx.x; j < n; j += PICK_THREADS) {  // j rises: a thread keeps its first maximum
+    const float uj = tof(u[j]);
+    const float v = __fadd_rn(__fmul_rn(__fsub_rn(tof(c[j]), uj), g), uj);
+    if (v > bv || bi == 0xffffffffu) {
+      bv = v;
+      bi = j;
+    }
+  }
+  // The larger value wins; of equal values, the smaller index.
+  auto take = [&](float ov, uint32_t oi) {
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  };
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) take(__shfl_xor_sync(0xffffffff, bv, m), __shfl_xor_sync(0xffffffff, bi, m));
+  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    best_v[warp] = bv;
+    best_i[warp] = bi;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bv = best_v[lane];
+    bi = best_i[lane];
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) take(__shfl_xor_sync(0xffffffff, bv, m), __shfl_xor_sync(0xffffffff, bi, m));
+    if (lane == 0) picked[job] = bi;
+  }
+}
+
 #define GEMV_OP(T, SUFFIX, M)                                                                                  \
   extern "C" __global__ void gemv_##SUFFIX##_##M(const T *x, const T *w, T *y, uint32_t n, uint32_t k) {        \
     gemv<T, M>(x, w, y, n, k);                                                                                 \
@@ -600,6 +655,11 @@ __device__ void silu_mul(const T *gu, T *out, uint32_t rows, uint32_t inter) {
   extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *p, const T *w, T *sum_out, T *y,       \
                                                    uint32_t d, float eps) {                                    \
     add_rms_norm<T>(x, p, w, sum_out, y, d, eps);                                                              \
+  }                                                                                                            \
+  extern "C" __global__ void guided_argmax_##SUFFIX(const T *scores, const uint32_t *cond,                     \
+                                                    const uint32_t *uncond, const float *scale,                \
+                                                    uint32_t *picked, uint32_t n) {                            \
+    guided_argmax<T>(scores, cond, uncond, scale, picked, n);                                                  \
   }                                                                                                            \
   GEMV_OPS(T, SUFFIX)
 

@@ -9,4 +9,5 @@ mod model;
 mod rope;
 
 pub use cache::Cache;
+pub use cuda_decode::guided_argmax;
 pub use model::Emu3TextModel;
