@@ -540,6 +540,31 @@ mod kernels {
         };
     }
 
+    /// `CustomOp1` for an op with a `launch::<T>(storage, layout)` per dtype: CUDA only,
+    /// f32/bf16/f16.
+    macro_rules! cuda_op1 {
+        ($op:ty, $name:literal) => {
+            impl candle_core::CustomOp1 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    candle_core::bail!("the fused decode ops run on CUDA only")
+                }
+
+                fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+                    match s.dtype() {
+                        DType::F32 => self.launch::<f32>(s, l),
+                        DType::BF16 => self.launch::<half::bf16>(s, l),
+                        DType::F16 => self.launch::<half::f16>(s, l),
+                        other => candle_core::bail!("fused decode: unsupported dtype {other:?}"),
+                    }
+                }
+            }
+        };
+    }
+
     /// `CustomOp2` for an op with a `launch::<T>(a, b)` per dtype: CUDA only, f32/bf16/f16.
     macro_rules! cuda_op2 {
         ($op:ty, $name:literal) => {
@@ -783,24 +808,7 @@ mod kernels {
         }
     }
 
-    impl candle_core::CustomOp1 for SiluMul {
-        fn name(&self) -> &'static str {
-            "tessera-silu-mul"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused SwiGLU runs on CUDA only")
-        }
-
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s.dtype() {
-                DType::F32 => self.launch::<f32>(s, l),
-                DType::BF16 => self.launch::<half::bf16>(s, l),
-                DType::F16 => self.launch::<half::f16>(s, l),
-                other => candle_core::bail!("silu_mul: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op1!(SiluMul, "tessera-silu-mul");
 
     /// `x + pending` and its RMSNorm: inputs x, the norm's weight; output `(2, ..)` (the sum,
     /// then the normed sum), or `(..)` (the norm of x) without `pending`.
@@ -880,22 +888,5 @@ mod kernels {
         }
     }
 
-    impl candle_core::CustomOp1 for GuidedArgmax {
-        fn name(&self) -> &'static str {
-            "tessera-guided-argmax"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused guidance and argmax run on CUDA only")
-        }
-
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s.dtype() {
-                DType::F32 => self.launch::<f32>(s, l),
-                DType::BF16 => self.launch::<half::bf16>(s, l),
-                DType::F16 => self.launch::<half::f16>(s, l),
-                other => candle_core::bail!("guided_argmax: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    cuda_op1!(GuidedArgmax, "tessera-guided-argmax");
 }
