@@ -190,3 +190,42 @@ fn odd_images_are_judged_without_panicking() {
         }
     }
 }
+
+/// A generated sign whose letters reach its edge (the shipped `2026-11-29-vqenc-lm` model on
+/// bench-text-046, "make a purple placard with the word SUN"): the letters' holes open onto the
+/// background, so the hole-filled sign covers under 90% of its box. It is read by its row and
+/// column spans.
+#[test]
+fn a_sign_whose_letters_reach_its_edge_is_read() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/judge/open_sign_sun.png");
+    let img = image::open(path).unwrap().to_rgb8();
+    let d = judge::detect(&img);
+    let signs: Vec<(Color, &str)> = d.signs.iter().map(|s| (s.color, s.word.as_str())).collect();
+    assert_eq!(signs, [(Color::Purple, "SUN")]);
+    assert!(d.objects.is_empty(), "letters taken for objects: {:?}", d.objects);
+    let s = bench().into_iter().find(|s| s.id == "bench-text-046").unwrap();
+    assert!(judge::judge(&s, &img).pass);
+    let mut wrong = s.clone();
+    wrong.spec.claims.text.as_mut().unwrap().word = "SON".into();
+    assert!(!judge::judge(&wrong, &img).pass, "SON passed for SUN");
+}
+
+/// Row and column spans fill a square's notch too: a square bitten by another object is still
+/// an object, not a sign, since what fills its notch is not ink.
+#[test]
+fn a_notched_square_is_an_object_not_a_sign() {
+    let bg = image::Rgb([245, 245, 245]);
+    let mut img = RgbImage::from_pixel(128, 128, bg);
+    let fill = |img: &mut RgbImage, x: std::ops::Range<u32>, y: std::ops::Range<u32>, c: Color| {
+        for yy in y {
+            for xx in x.clone() {
+                img.put_pixel(xx, yy, image::Rgb(c.rgb()));
+            }
+        }
+    };
+    fill(&mut img, 40..88, 40..88, Color::Red);
+    fill(&mut img, 58..72, 34..48, Color::Blue); // bites into the top edge
+    let d = judge::detect(&img);
+    assert!(d.signs.is_empty(), "{:?}", d.signs);
+    assert!(d.objects.iter().any(|o| o.color == Color::Red && o.shape == Some(Shape::Square)), "{:?}", d.objects);
+}

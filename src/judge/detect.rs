@@ -7,7 +7,9 @@
 //!    So are thin regions (blur fringes between two colours: under 30% of their pixels have all
 //!    four neighbours in the region) and tiny ones.
 //! 3. A rectangular region with holes is a sign; its text is read by `text::read`. Regions
-//!    inside a sign are its letters.
+//!    inside a sign are its letters. A sign whose letters reach its edge is rectangular only
+//!    once its row and column spans are filled; it is taken when that fill is mostly ink and a
+//!    word is read on it.
 //! 4. Every other region is an object. Its shape is the outline (from `world::shapes`) that,
 //!    fitted to the region's bounding box, overlaps it best (soft IoU).
 
@@ -169,6 +171,40 @@ fn filled_mask(r: &Region, comp: &[u32], id: u32, w: u32) -> (Vec<bool>, usize) 
     (mask, holes)
 }
 
+/// Pixels of the region's bounding box that lie between two of its pixels on the same row or
+/// on the same column. Unlike [`filled_mask`], a letter whose stroke reaches the sign's edge
+/// (blurred, or drawn too close) still counts as covered, since the sign continues on both of
+/// its sides along that row. Returns the covered pixels, the covered pixels outside the region
+/// (the gaps), and how many of those are of class `ink` or background (unclassified).
+fn span_filled(r: &Region, comp: &[u32], id: u32, w: u32, labels: &[u8], ink: u8) -> (usize, usize, usize) {
+    let [x0, y0, x1, y1] = r.bbox;
+    let (bw, bh) = ((x1 - x0) as usize, (y1 - y0) as usize);
+    let inside = |lx: usize, ly: usize| comp[((y0 as usize + ly) * w as usize) + x0 as usize + lx] == id;
+    let mut covered = vec![false; bw * bh];
+    for ly in 0..bh {
+        let xs: Vec<usize> = (0..bw).filter(|&lx| inside(lx, ly)).collect();
+        if let (Some(&a), Some(&b)) = (xs.first(), xs.last()) {
+            (a..=b).for_each(|lx| covered[ly * bw + lx] = true);
+        }
+    }
+    for lx in 0..bw {
+        let ys: Vec<usize> = (0..bh).filter(|&ly| inside(lx, ly)).collect();
+        if let (Some(&a), Some(&b)) = (ys.first(), ys.last()) {
+            (a..=b).for_each(|ly| covered[ly * bw + lx] = true);
+        }
+    }
+    let (mut n, mut gaps, mut inked) = (0, 0, 0);
+    for (k, _) in covered.iter().enumerate().filter(|(_, c)| **c) {
+        let i = (y0 as usize + k / bw) * w as usize + x0 as usize + k % bw;
+        n += 1;
+        if comp[i] != id {
+            gaps += 1;
+            inked += (labels[i] == ink || labels[i] == BG) as usize;
+        }
+    }
+    (n, gaps, inked)
+}
+
 /// Fraction of a region's pixels whose four neighbours are all in the region.
 fn interior_fraction(r: &Region, comp: &[u32], id: u32, w: u32, h: u32) -> f32 {
     let inner = r
@@ -209,6 +245,17 @@ pub fn detect(img: &RgbImage) -> Detection {
         .collect();
     let mut signs: Vec<(DetectedSign, [u32; 4])> = Vec::new();
     let mut candidates = Vec::new();
+    let sign_at = |r: &Region, word: String| {
+        let [x0, y0, x1, y1] = r.bbox;
+        let sign = DetectedSign {
+            color: Color::ALL[r.class as usize],
+            word,
+            x: (x0 + x1) as f64 / 2.0 / w as f64,
+            y: (y0 + y1) as f64 / 2.0 / h as f64,
+        };
+        (sign, r.bbox)
+    };
+    let inside = |b: [u32; 4], s: [u32; 4]| b[0] >= s[0] && b[1] >= s[1] && b[2] <= s[2] && b[3] <= s[3];
     for (id, r) in regs.iter().enumerate().filter(|(id, _)| solid[*id]) {
         let (mask, holes) = filled_mask(r, &comp, id as u32, w);
         let [x0, y0, x1, y1] = r.bbox;
@@ -216,20 +263,40 @@ pub fn detect(img: &RgbImage) -> Detection {
         let filled = mask.iter().filter(|m| **m).count();
         let rectangular = filled as f32 >= 0.9 * box_area as f32;
         if rectangular && holes as f32 >= 0.03 * box_area as f32 && x1 - x0 >= 8 && y1 - y0 >= 8 {
-            let color = Color::ALL[r.class as usize];
-            let word = text::read(img, r.bbox, color).unwrap_or_default();
-            let sign = DetectedSign {
-                color,
-                word,
-                x: (x0 + x1) as f64 / 2.0 / w as f64,
-                y: (y0 + y1) as f64 / 2.0 / h as f64,
-            };
-            signs.push((sign, r.bbox));
+            let word = text::read(img, r.bbox, Color::ALL[r.class as usize]).unwrap_or_default();
+            signs.push(sign_at(r, word));
         } else {
             candidates.push(id);
         }
     }
-    let in_sign = |b: [u32; 4]| signs.iter().any(|(_, s)| b[0] >= s[0] && b[1] >= s[1] && b[2] <= s[2] && b[3] <= s[3]);
+    // Signs whose letters reach their edge (blurred, or drawn too close) leave the hole-filled
+    // mask short of its box. Such a region is a sign when it is rectangular once its row and
+    // column spans are filled, at least half of what the spans add is the sign colour's ink or
+    // unclassified (blurred ink), so a square notched by another object is no sign, it lies
+    // inside no sign found so far, and a word is read on it.
+    // Largest first, so a sign is found before its own letters could be taken for one.
+    candidates.sort_by_key(|&id| {
+        let [x0, y0, x1, y1] = regs[id].bbox;
+        std::cmp::Reverse((x1 - x0) * (y1 - y0))
+    });
+    let mut objects_left = Vec::new();
+    for id in candidates {
+        let r = &regs[id];
+        let [x0, y0, x1, y1] = r.bbox;
+        let box_area = ((x1 - x0) * (y1 - y0)) as usize;
+        let color = Color::ALL[r.class as usize];
+        let open_sign = x1 - x0 >= 8 && y1 - y0 >= 8 && !signs.iter().any(|(_, s)| inside(r.bbox, *s)) && {
+            let (spans, gaps, inked) = span_filled(r, &comp, id as u32, w, &labels, color.ink() as u8);
+            spans as f32 >= 0.9 * box_area as f32 && gaps as f32 >= 0.03 * box_area as f32 && 2 * inked >= gaps
+        };
+        match open_sign.then(|| text::read(img, r.bbox, color)).flatten() {
+            Some(word) if !word.is_empty() => signs.push(sign_at(r, word)),
+            _ => objects_left.push(id),
+        }
+    }
+    objects_left.sort_unstable();
+    let candidates = objects_left;
+    let in_sign = |b: [u32; 4]| signs.iter().any(|(_, s)| inside(b, *s));
     let candidates: Vec<usize> = candidates.into_iter().filter(|&id| !in_sign(regs[id].bbox)).collect();
     let pixel_bg: Vec<bool> = comp.iter().map(|&c| c == u32::MAX || is_bg[c as usize]).collect();
     let plain = background.map(|c| {
