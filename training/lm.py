@@ -239,6 +239,35 @@ def build_lm(cfg, vocab_size, sp, device, config=None):
     return Emu3ForCausalLM(config).to(device), config
 
 
+def grow_layers(sd, n_layers, extra):
+    """A warm-start state_dict with `extra` decoder layers inserted, spread evenly among the
+    `n_layers` old ones (depth up-scaling). Each new layer copies the layer before it, with its
+    attention output and MLP down projections zeroed: both branches then add nothing to the
+    residual stream, so the grown model computes exactly the old function, and training starts
+    from there. Returns (state_dict, n_layers + extra)."""
+    if extra <= 0:
+        return sd, n_layers
+    total = n_layers + extra
+    # New layer k follows old layer after[k] (10 + 4: after layers 1, 3, 5, 7); old layers keep order.
+    after = [max(0, (k + 1) * n_layers // (extra + 1) - 1) for k in range(extra)]
+    order = []                               # (source old layer, is_new) per grown position
+    for i in range(n_layers):
+        order.append((i, False))
+        order.extend((i, True) for _ in range(after.count(i)))
+    assert len(order) == total, (len(order), total)
+    prefix = "model.layers."
+    out = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+    for j, (i, new) in enumerate(order):
+        for k, v in sd.items():
+            if k.startswith(f"{prefix}{i}."):
+                name = k[len(f"{prefix}{i}."):]
+                t = v.clone()
+                if new and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                    t.zero_()
+                out[f"{prefix}{j}.{name}"] = t
+    return out, total
+
+
 def lr_at(frac, peak, warmup=WARMUP_FRAC, min_frac=MIN_LR_FRAC):
     if frac < warmup:
         return peak * max(frac, 1e-3) / warmup
@@ -312,6 +341,8 @@ def main():
     ap.add_argument("--config", default=None, help="JSON overrides of the LM config")
     ap.add_argument("--init", default=None, metavar="DIR",
                     help="warm start from a shipped model (ROOT with weights/ + tokenizer/, a weights dir) or a RUN dir")
+    ap.add_argument("--grow-layers", type=int, default=0, metavar="N",
+                    help="with --init: insert N decoder layers that start as the identity (grow_layers)")
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--warmup", type=float, default=WARMUP_FRAC, help="warm-up fraction of the time budget")
     ap.add_argument("--min-lr-frac", type=float, default=MIN_LR_FRAC)
@@ -359,6 +390,12 @@ def main():
             raise SystemExit(f"[lm] --init {args.init}: {tok_path} is not the tokenizer of that model; "
                              "a warm start needs the same ids (copy its tokenizer/ into RUN/tokenizer)")
         init_config, init_sd = warm.load_lm_init(args.init)
+        if args.grow_layers:
+            old = init_config.num_hidden_layers
+            init_sd, init_config.num_hidden_layers = grow_layers(init_sd, old, args.grow_layers)
+            print(f"[lm] --grow-layers {args.grow_layers}: {old} -> {init_config.num_hidden_layers} layers", flush=True)
+    elif args.grow_layers:
+        raise SystemExit("[lm] --grow-layers needs --init (it grows a trained model)")
     tok = Tokenizer.from_file(tok_path)
     sp = toklib.special_ids(tok)
     # The codebook size is the number of visual tokens in the tokenizer.

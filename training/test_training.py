@@ -265,6 +265,37 @@ def test_warm_start_reads_exported_weights(tmp=None):
         assert tconf.vocab_size == tok.get_vocab_size() and tconf.pad_token_id == sp["pad"]
 
 
+def test_grown_model_computes_the_same_function():
+    """lm.grow_layers: the inserted layers start as the identity, so logits are unchanged, the old
+    layers keep their order, and the new ones are trainable (nonzero gradient on the zeroed
+    projections)."""
+    tok = _tokenizer()
+    sp = toklib.special_ids(tok)
+    torch.manual_seed(0)
+    lm, config = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
+    lm.eval()
+    sd = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+    n = config.num_hidden_layers
+    grown_sd, total = lmlib.grow_layers(sd, n, 3)
+    assert total == n + 3
+    config.num_hidden_layers = total
+    big, _ = lmlib.build_lm(None, None, None, "cpu", config)
+    big.load_state_dict(grown_sd, strict=True)
+    big.eval()
+    ids = torch.randint(0, tok.get_vocab_size(), (2, 17))
+    with torch.no_grad():
+        a, b = lm(ids).logits, big(ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    olds = [j for j in range(total) if grown_sd[f"model.layers.{j}.mlp.down_proj.weight"].abs().sum() > 0]
+    assert len(olds) == n and all(torch.equal(grown_sd[f"model.layers.{j}.self_attn.q_proj.weight"],
+                                              sd[f"model.layers.{i}.self_attn.q_proj.weight"]) for i, j in enumerate(olds))
+    big.train()
+    big(ids, labels=ids).loss.backward()
+    new = next(j for j in range(total) if j not in olds)
+    assert big.model.layers[new].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert big.model.layers[new].self_attn.o_proj.weight.grad.abs().sum() > 0
+
+
 def test_bucket_batch_overrides():
     default = lmlib.bucket_batches()
     assert [b for _, _, b in default] == [b for _, _, b in lmlib.BUCKETS]
