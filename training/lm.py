@@ -24,6 +24,8 @@ lm_log.csv}; `--save-every S` rewrites the checkpoint every S seconds while trai
 
 Warm start (`--init ROOT`): continues from the LM shipped in ROOT/weights (or RUN/lm); the run's
 tokenizer must be the shipped one (checked), so every id keeps its meaning.
+`--grow-layers N` (with --init) inserts N layers that start as the identity (`grow_layers`).
+`--ema DECAY` saves a moving average of the weights, started at the first ones, instead of the last.
 `--profile N` prints torch.profiler's top ops for N steps and exits; `--trace-steps N` prints the
 same table for N steps of the real run.
 """
@@ -343,6 +345,9 @@ def main():
                     help="warm start from a shipped model (ROOT with weights/ + tokenizer/, a weights dir) or a RUN dir")
     ap.add_argument("--grow-layers", type=int, default=0, metavar="N",
                     help="with --init: insert N decoder layers that start as the identity (grow_layers)")
+    ap.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                    help="keep an exponential moving average of the weights (e.g. 0.9995) and save it "
+                         "instead of the last weights; both validation losses are logged at the end")
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--warmup", type=float, default=WARMUP_FRAC, help="warm-up fraction of the time budget")
     ap.add_argument("--min-lr-frac", type=float, default=MIN_LR_FRAC)
@@ -450,6 +455,12 @@ def main():
         f"~{tok_per_step} tokens/step, ~{flop_tok/1e6:.0f} MFLOP/token (train), longest sequence {longest}; "
         f"data loaded in {time.time()-t0:.1f}s")
 
+    if not 0.0 <= args.ema < 1.0:
+        raise SystemExit(f"[lm] --ema {args.ema}: expected a decay in [0, 1)")
+    params = list(model.parameters())
+    # The average starts at the first weights (a warm start's model): averaging a run with where it
+    # began is what made the shipped soup (training/soup.py) better than either end.
+    ema = [p.detach().clone() for p in params] if args.ema else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
@@ -545,6 +556,9 @@ def main():
             continue
         train_step(lr, groups)
         step += 1
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1.0 - args.ema)
         now = time.time()
         do_eval = now - last_eval >= args.eval_every
         if step % 50 == 0 or do_eval or step == 1:
@@ -565,13 +579,18 @@ def main():
                 + " ".join(f"{n} {v:.3f}" for n, v in zip(names, per)) + ")"
                 + (" | val " + " ".join(vals) if do_eval else ""))
         if args.save_every > 0 and time.time() - last_save >= args.save_every:
-            save_lm(model, config, out_dir)
+            with swapped(params, ema):
+                save_lm(model, config, out_dir)
             last_save = time.time()
             log(f"[lm] checkpoint at step {step} ({last_save - t0:.0f}s)")
     train_s = time.time() - t0
-    save_lm(model, config, out_dir)
-    log(f"[lm] wrote {out_dir}/lm.safetensors")
-    vals = val_loss(model, buckets, rng, amp)
+    if ema is not None:
+        raw = val_loss(model, buckets, rng, amp)
+        log("[lm] last weights: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, raw)))
+    with swapped(params, ema):
+        save_lm(model, config, out_dir)
+        log(f"[lm] wrote {out_dir}/lm.safetensors" + (f" (the moving average, decay {args.ema:g})" if ema else ""))
+        vals = val_loss(model, buckets, rng, amp)
     wr.writerow([step, f"{train_s:.1f}", counters["tokens"], "final", ""] + [""] * len(buckets) + [f"{v:.4f}" for v in vals])
     fcsv.close()
     log(f"[lm] trained {step} steps, {counters['real']/1e6:.1f}M tokens ({counters['tokens']/1e6:.1f}M with padding) "
@@ -604,6 +623,26 @@ def val_loss(model, buckets, rng, amp, n=128):
         out.append((s / c).item())
     model.train()
     return out
+
+
+class swapped:
+    """`with swapped(params, ema):` the model holds the averaged weights inside the block and its
+    own after it (a no-op when ema is None)."""
+
+    def __init__(self, params, ema):
+        self.params, self.ema = params, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            with torch.no_grad():
+                self.saved = [p.detach().clone() for p in self.params]
+                torch._foreach_copy_(self.params, self.ema)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.saved)
+            self.saved = None
 
 
 def save_lm(model, config, out_dir):

@@ -296,6 +296,31 @@ def test_grown_model_computes_the_same_function():
     assert big.model.layers[new].self_attn.o_proj.weight.grad.abs().sum() > 0
 
 
+def test_ema_swap_restores_the_weights():
+    """lm.swapped: inside the block the model computes with the averaged weights, after it with
+    its own again; with no average it changes nothing."""
+    tok = _tokenizer()
+    sp = toklib.special_ids(tok)
+    torch.manual_seed(0)
+    lm, _ = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
+    lm.eval()
+    params = list(lm.parameters())
+    ema = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+        torch._foreach_lerp_(ema, params, 0.5)       # half-way between the two
+    ids = torch.randint(0, tok.get_vocab_size(), (1, 9))
+    with torch.no_grad():
+        own = lm(ids).logits
+        with lmlib.swapped(params, ema):
+            assert all(torch.equal(p, e) for p, e in zip(params, ema))
+            avg = lm(ids).logits
+        assert torch.equal(lm(ids).logits, own) and not torch.allclose(avg, own)
+        with lmlib.swapped(params, None):
+            assert torch.equal(lm(ids).logits, own)
+
+
 def test_bucket_batch_overrides():
     default = lmlib.bucket_batches()
     assert [b for _, _, b in default] == [b for _, _, b in lmlib.BUCKETS]
