@@ -25,7 +25,8 @@ lm_log.csv}; `--save-every S` rewrites the checkpoint every S seconds while trai
 Warm start (`--init ROOT`): continues from the LM shipped in ROOT/weights (or RUN/lm); the run's
 tokenizer must be the shipped one (checked), so every id keeps its meaning.
 `--grow-layers N` (with --init) inserts N layers that start as the identity (`grow_layers`).
-`--ema DECAY` saves a moving average of the weights, started at the first ones, instead of the last.
+`--ema DECAY` saves a moving average of the weights, started at the first ones, as lm.safetensors,
+and the last weights beside it (RUN/lm/lm_last.safetensors, f16), so both can be judged.
 `--profile N` prints torch.profiler's top ops for N steps and exits; `--trace-steps N` prints the
 same table for N steps of the real run.
 """
@@ -587,6 +588,8 @@ def main():
     if ema is not None:
         raw = val_loss(model, buckets, rng, amp)
         log("[lm] last weights: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, raw)))
+        save_lm(model, config, out_dir, name="lm_last", dtype=torch.float16)
+        log(f"[lm] wrote {out_dir}/lm_last.safetensors (the last weights, f16)")
     with swapped(params, ema):
         save_lm(model, config, out_dir)
         log(f"[lm] wrote {out_dir}/lm.safetensors" + (f" (the moving average, decay {args.ema:g})" if ema else ""))
@@ -645,15 +648,16 @@ class swapped:
             self.saved = None
 
 
-def save_lm(model, config, out_dir):
-    """float32 weights + config; written to temporary files and renamed (a reader never sees half)."""
+def save_lm(model, config, out_dir, name="lm", dtype=torch.float32):
+    """Weights (float32 unless `dtype`) as NAME.safetensors + lm_config.json; written to temporary
+    files and renamed (a reader never sees half)."""
     from safetensors.torch import save_file
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, os.path.join(out_dir, "lm.safetensors.tmp"))
+    sd = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out_dir, f"{name}.safetensors.tmp"))
     with open(os.path.join(out_dir, "lm_config.json.tmp"), "w") as f:
         f.write(config.to_json_string())
     os.replace(os.path.join(out_dir, "lm_config.json.tmp"), os.path.join(out_dir, "lm_config.json"))
-    os.replace(os.path.join(out_dir, "lm.safetensors.tmp"), os.path.join(out_dir, "lm.safetensors"))
+    os.replace(os.path.join(out_dir, f"{name}.safetensors.tmp"), os.path.join(out_dir, f"{name}.safetensors"))
 
 
 def load_lm(run_dir, device="cpu"):
