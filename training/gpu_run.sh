@@ -11,6 +11,9 @@
 #                                  # progress: call it again (while the machine is warm) to go on
 #                                  # waiting. On a cold machine (no RUN) it runs stage B itself,
 #                                  # rebuilding the data from training/runs/stage_a/.
+#   bash training/gpu_run.sh last  # after `b` brought the export back: the last weights of an
+#                                  # --ema run (RUN/last/lm_last.tar.part-*) to $OUT; a separate
+#                                  # call, since $OUT brings back 64 MiB at most per call
 #
 # Stage B's budget can exceed one command: BUDGET_B (seconds, default 540) and LM_MAX_B are handed
 # to the detached stage B as BUDGET and LM_MAX, so one LM schedule spans several `b` calls.
@@ -46,7 +49,7 @@ wait_b() {  # at most WAIT seconds; RUN/outB to $OUT once stage B has finished
     echo "[gpu_run] stage B has not finished: call 'b' again"
   fi
 }
-case "${1:?usage: gpu_run.sh a|cold|b}" in
+case "${1:?usage: gpu_run.sh a|cold|b|last}" in
   a)
     bash training/stage_a.sh "$RUN" "$OUT"
     start_b
@@ -63,5 +66,10 @@ case "${1:?usage: gpu_run.sh a|cold|b}" in
       echo "[gpu_run] cold machine: running stage B here"
       bash training/stage_b.sh "$RUN" "$OUT"
     fi
+    ;;
+  last)
+    ls "$RUN"/last/lm_last.tar.part-* > /dev/null 2>&1 || { echo "[gpu_run] no RUN/last/lm_last.tar.part-* (not an --ema run, or stage B has not finished)"; exit 1; }
+    cp "$RUN"/last/lm_last.tar.part-* "$OUT"/
+    ls -la "$OUT"
     ;;
 esac

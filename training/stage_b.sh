@@ -15,8 +15,10 @@
 # `cat ship.tar.part-* | tar -x`), check.tar (export/check: greedy tokens JSON + PNGs + summary,
 # lm_config.json), lm_log.csv, stage_b.log. If the export failed: lm_f16.tar.part-* instead
 # (RUN/lm/{lm.safetensors (f16), lm_config.json}) so export.py can be rerun on the CPU machine.
-# An --ema run adds lm_last.tar.part-* (lm/lm_last.safetensors, the last weights in f16, and
-# lm/lm_config.json); its two logs then travel inside check.tar.
+# An --ema run's last weights (RUN/lm/lm_last.safetensors, f16) are packed apart, as
+# RUN/last/lm_last.tar.part-* (tar of lm/lm_last.safetensors + lm/lm_config.json): with the
+# export they would pass the 64 MiB that one call's $OUT brings back, so a second call fetches
+# them (`bash training/gpu_run.sh last`, or copy them to $OUT yourself).
 # Environment overrides (CPU smoke tests): BUDGET RESERVE_B LM_MAX PY WORLD PROCS FROM VQ_ROOT DATA_ARGS LM_ARGS ENCODE_ARGS
 set -euo pipefail
 RUN=${1:?usage: bash training/stage_b.sh RUN [OUTDIR]  (RUN: a scratch directory on the local disk)}
@@ -34,20 +36,12 @@ mkdir -p "$RUN" "$OUTDIR"
 LOG="$RUN/stage_b.log"
 
 pack() {
-  # $OUT takes 8 files at most: with the last weights of an --ema run (lm_last.tar.part-*, 3 parts)
-  # the two logs travel inside check.tar instead of beside it.
-  local last=0
-  if [ -f "$RUN/lm/lm_last.safetensors" ]; then last=1; fi
-  if [ "$last" = 0 ]; then
-    cp "$LOG" "$OUTDIR/stage_b.log" 2>/dev/null || true
-    if [ -f "$RUN/lm/lm_log.csv" ]; then cp "$RUN/lm/lm_log.csv" "$OUTDIR/"; fi
-  fi
+  cp "$LOG" "$OUTDIR/stage_b.log" 2>/dev/null || true
+  if [ -f "$RUN/lm/lm_log.csv" ]; then cp "$RUN/lm/lm_log.csv" "$OUTDIR/"; fi
   if [ -f "$RUN/export/weights/config.json" ] && [ -f "$RUN/export/tokenizer/tokenizer.json" ]; then
     tar -C "$RUN/export" -cf "$RUN/ship.tar" weights tokenizer
     split -b 15M -d "$RUN/ship.tar" "$OUTDIR/ship.tar.part-"
-    local extra=""
-    if [ "$last" = 1 ]; then extra="lm/lm_log.csv stage_b.log"; fi
-    tar -C "$RUN" -cf "$OUTDIR/check.tar" export/check lm/lm_config.json $extra 2>/dev/null || true
+    tar -C "$RUN" -cf "$OUTDIR/check.tar" export/check lm/lm_config.json 2>/dev/null || true
   elif [ -f "$RUN/lm/lm.safetensors" ]; then
     $PY -c "from safetensors.torch import load_file, save_file; sd = load_file('$RUN/lm/lm.safetensors'); save_file({k: v.half().contiguous() for k, v in sd.items()}, '$RUN/lm_f16.safetensors')" || true
     mkdir -p "$RUN/fallback/lm"
@@ -55,20 +49,17 @@ pack() {
     cp "$RUN/lm/lm_config.json" "$RUN/fallback/lm/" 2>/dev/null || true
     tar -C "$RUN/fallback" -cf "$RUN/lm_f16.tar" lm
     split -b 15M -d "$RUN/lm_f16.tar" "$OUTDIR/lm_f16.tar.part-"
-    if [ "$last" = 1 ]; then
-      cp "$LOG" "$OUTDIR/stage_b.log" 2>/dev/null || true
-      cp "$RUN/lm/lm_log.csv" "$OUTDIR/" 2>/dev/null || true
-    fi
   fi
-  if [ "$last" = 1 ]; then
+  if [ -f "$RUN/lm/lm_last.safetensors" ]; then
+    mkdir -p "$RUN/last"
     tar -C "$RUN" -cf "$RUN/lm_last.tar" lm/lm_last.safetensors lm/lm_config.json
-    split -b 15M -d "$RUN/lm_last.tar" "$OUTDIR/lm_last.tar.part-"
+    split -b 15M -d "$RUN/lm_last.tar" "$RUN/last/lm_last.tar.part-"
   fi
-  if [ -f "$OUTDIR/stage_b.log" ]; then ls -la "$OUTDIR" >> "$OUTDIR/stage_b.log" 2>/dev/null || true; fi
+  ls -la "$OUTDIR" >> "$OUTDIR/stage_b.log" 2>/dev/null || true
 }
 trap pack EXIT
 
-rm -rf "$RUN/export" "$RUN/ship.tar" "$RUN/lm_f16.tar" "$RUN/lm_last.tar" "$RUN/fallback"
+rm -rf "$RUN/export" "$RUN/ship.tar" "$RUN/lm_f16.tar" "$RUN/lm_last.tar" "$RUN/last" "$RUN/fallback"
 {
   echo "[stage B] start $(date -u +%FT%TZ) run=$RUN budget=${BUDGET}s"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "[stage B] no nvidia-smi"
