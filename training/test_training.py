@@ -345,6 +345,21 @@ def test_vq_only_split_leaves_the_lm_data_alone():
         assert datalib.shard_seed(split, 0, 7_000_000) not in {datalib.shard_seed(s, 0, 7_000_000) for s in enclib.SPLITS}
 
 
+def test_sign_layout_follows_the_world():
+    import sign_bits
+    # src/world/render.rs `sign_size`: at 128x128 the letter scale is 4 for 1-3 letters, 3 for
+    # 4-5 and 2 for 6; the box is (6*len+3)*s by 11*s.
+    assert [sign_bits.sign_size(n, 128, 128)[0] for n in range(1, 7)] == [4, 4, 4, 3, 3, 2]
+    assert sign_bits.sign_size(5, 128, 128) == (3, 99, 33)
+    # `place`: centred, then kept a margin (total/64) inside; a box wider than the room sits at 0.
+    assert sign_bits.place(0.5, 20, 128) == 54
+    assert sign_bits.place(0.0, 20, 128) == 2 and sign_bits.place(1.0, 20, 128) == 106
+    assert sign_bits.place(0.5, 130, 128) == 0
+    assert sign_bits.place(0.5, 99, 128) == 15                        # 14.5 rounds up, as in Rust
+    counts = __import__("collections").Counter({("a", 1): 1, ("b", 1): 1, ("c", 2): 2})
+    assert abs(sign_bits.conditional_entropy(counts) - 0.5) < 1e-9   # code 1 holds two masks
+
+
 if __name__ == "__main__":
     tests = [v for k, v in sorted(globals().items()) if k.startswith("test_")]
     failed = 0
