@@ -93,6 +93,8 @@ WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 VAL_FRAC = 0.01            # last 1% of each bucket: validation loss only
 EVAL_EVERY = 60.0          # seconds
+VAL_N = 256                # validation sequences per bucket, the same ones at every evaluation
+VAL_SEED = 12345           # their draw (index sampling only, not a world seed)
 
 # Sequence layouts, documented in config.json by export.py.
 T2I_LAYOUT = "<|extra_203|>{caption}<|image start|>{H}*{W}<|image token|>{row_0}<|extra_200|>...{row_H-1}<|extra_200|><|extra_201|><|image end|><|extra_204|>"
@@ -532,7 +534,7 @@ def main():
     wr.writerow(["step", "seconds", "tokens", "lr", "loss"] + [f"loss_{n}" for n in names] + [f"val_{n}" for n in names])
 
     if init_sd is not None:
-        log("[lm] start: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, val_loss(model, buckets, rng, amp))))
+        log("[lm] start: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, val_loss(model, buckets, amp))))
     t0 = time.time()
     seconds = args.seconds
     if args.deadline is not None:
@@ -569,7 +571,7 @@ def main():
             acc.zero_()
             vals = [""] * len(buckets)
             if do_eval:
-                vals = [f"{v:.4f}" for v in val_loss(model, buckets, rng, amp)]
+                vals = [f"{v:.4f}" for v in val_loss(model, buckets, amp)]
                 last_eval = time.time()
             wr.writerow([step, f"{now-t0:.1f}", counters["tokens"], f"{lr:.3g}", f"{total:.4f}"]
                         + [f"{v:.4f}" for v in per] + vals)
@@ -586,14 +588,14 @@ def main():
             log(f"[lm] checkpoint at step {step} ({last_save - t0:.0f}s)")
     train_s = time.time() - t0
     if ema is not None:
-        raw = val_loss(model, buckets, rng, amp)
+        raw = val_loss(model, buckets, amp)
         log("[lm] last weights: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, raw)))
         save_lm(model, config, out_dir, name="lm_last", dtype=torch.float16)
         log(f"[lm] wrote {out_dir}/lm_last.safetensors (the last weights, f16)")
     with swapped(params, ema):
         save_lm(model, config, out_dir)
         log(f"[lm] wrote {out_dir}/lm.safetensors" + (f" (the moving average, decay {args.ema:g})" if ema else ""))
-        vals = val_loss(model, buckets, rng, amp)
+        vals = val_loss(model, buckets, amp)
     wr.writerow([step, f"{train_s:.1f}", counters["tokens"], "final", ""] + [""] * len(buckets) + [f"{v:.4f}" for v in vals])
     fcsv.close()
     log(f"[lm] trained {step} steps, {counters['real']/1e6:.1f}M tokens ({counters['tokens']/1e6:.1f}M with padding) "
@@ -613,8 +615,11 @@ def run_profiler(step_fn, n, dev, log, tag="lm"):
 
 
 @torch.no_grad()
-def val_loss(model, buckets, rng, amp, n=128):
+def val_loss(model, buckets, amp, n=VAL_N):
+    """Mean target-token loss on n sequences of each bucket's held-out part: the same sequences at
+    every call (a fixed draw), so successive evaluations differ by the model alone."""
     model.eval()
+    rng = np.random.default_rng(VAL_SEED)
     out = []
     for b in buckets:
         got = b.sample(rng, batch=min(n, max(1, b.codes.shape[0] - b.n_train)), val=True)
