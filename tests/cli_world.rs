@@ -173,3 +173,67 @@ fn render_degrades_and_eval_prints_a_table() {
         .success()
         .stdout(predicate::str::contains("single_object").and(predicate::str::contains("overall")));
 }
+
+#[test]
+fn verdicts_compare_paired_and_name_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/eval/bench.jsonl");
+    let few = dir.path().join("few.jsonl");
+    let text = std::fs::read_to_string(bench).unwrap();
+    let picked: Vec<&str> = text.lines().step_by(20).collect();
+    std::fs::write(&few, picked.join("\n")).unwrap();
+    // The same samples, once clean and once blurred hard enough to fail some of them.
+    let mut verdicts = Vec::new();
+    for (name, blur) in [("clean", "0"), ("blurred", "2.5")] {
+        let images = dir.path().join(name);
+        tessera().args(["world", "render", "--blur", blur, "--samples"]).arg(&few).arg("--out").arg(&images).assert().success();
+        let file = dir.path().join(format!("{name}.jsonl"));
+        tessera().args(["eval", "--json", "--bench"]).arg(&few).arg("--images").arg(&images).arg("--verdicts").arg(&file).assert().success();
+        let lines = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(lines.lines().count(), picked.len());
+        verdicts.push(file);
+    }
+    let clean = std::fs::read_to_string(&verdicts[0]).unwrap();
+    assert!(clean.lines().all(|l| l.contains("\"pass\":true")), "{clean}");
+    let failed = std::fs::read_to_string(&verdicts[1]).unwrap().lines().filter(|l| l.contains("\"pass\":false")).count();
+    assert!(failed > 0, "blur 2.5 should fail some samples");
+
+    // Base = blurred, candidate = clean: every difference is a win for the candidate.
+    let out = tessera().args(["eval", "--json", "--compare"]).arg(&verdicts[1]).arg(&verdicts[0]).assert().success();
+    let json: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(json["won"], failed as u64, "{json}");
+    assert_eq!(json["lost"], 0, "{json}");
+    assert_eq!(json["candidate"], 1.0, "{json}");
+    assert!(json["diff"].as_f64().unwrap() > 0.0 && json["se"].as_f64().unwrap() > 0.0, "{json}");
+    // Two runs pooled: the same pair twice keeps the difference.
+    let out = tessera()
+        .args(["eval", "--json", "--compare"])
+        .arg(&verdicts[1])
+        .arg(&verdicts[0])
+        .arg("--compare")
+        .arg(&verdicts[1])
+        .arg(&verdicts[0])
+        .assert()
+        .success();
+    let twice: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(twice["runs"], 2);
+    assert!((twice["diff"].as_f64().unwrap() - json["diff"].as_f64().unwrap()).abs() < 1e-12);
+
+    // A bench file is not a verdicts file; a shorter file is named with the count.
+    tessera()
+        .args(["eval", "--compare"])
+        .arg(&few)
+        .arg(&verdicts[0])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("not a verdict line"));
+    let short = dir.path().join("short.jsonl");
+    std::fs::write(&short, clean.lines().next().unwrap()).unwrap();
+    tessera()
+        .args(["eval", "--compare"])
+        .arg(&verdicts[0])
+        .arg(&short)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(format!("{} base verdicts, 1 candidate verdicts", picked.len())));
+}

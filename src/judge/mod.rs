@@ -17,6 +17,7 @@
 //! instruction was followed and that everything else was preserved.
 
 pub mod detect;
+pub mod paired;
 mod shape;
 pub mod text;
 
