@@ -19,6 +19,15 @@ fn sample(dir: &Path, args: &[&str]) {
         .stderr(predicate::str::contains("images/s"));
 }
 
+/// Every `step`-th line of eval/bench.jsonl as DIR/few.jsonl; returns its path and line count.
+fn bench_subset(dir: &Path, step: usize) -> (std::path::PathBuf, usize) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/eval/bench.jsonl")).unwrap();
+    let picked: Vec<&str> = text.lines().step_by(step).collect();
+    let few = dir.join("few.jsonl");
+    std::fs::write(&few, picked.join("\n")).unwrap();
+    (few, picked.len())
+}
+
 fn eval_json(bench: &Path, images: &Path) -> serde_json::Value {
     let out = tessera().args(["eval", "--json", "--bench"]).arg(bench).arg("--images").arg(images).assert().success();
     serde_json::from_slice(&out.get_output().stdout).unwrap()
@@ -151,11 +160,7 @@ fn bad_arguments_are_clear_errors() {
 #[test]
 fn render_degrades_and_eval_prints_a_table() {
     let dir = tempfile::tempdir().unwrap();
-    let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/eval/bench.jsonl");
-    let few = dir.path().join("few.jsonl");
-    let text = std::fs::read_to_string(bench).unwrap();
-    let picked: Vec<&str> = text.lines().step_by(40).collect();
-    std::fs::write(&few, picked.join("\n")).unwrap();
+    let (few, _) = bench_subset(dir.path(), 40);
     let images = dir.path().join("img");
     tessera()
         .args(["world", "render", "--blur", "1", "--jpeg", "75", "--samples"])
@@ -177,11 +182,7 @@ fn render_degrades_and_eval_prints_a_table() {
 #[test]
 fn verdicts_compare_paired_and_name_bad_files() {
     let dir = tempfile::tempdir().unwrap();
-    let bench = concat!(env!("CARGO_MANIFEST_DIR"), "/eval/bench.jsonl");
-    let few = dir.path().join("few.jsonl");
-    let text = std::fs::read_to_string(bench).unwrap();
-    let picked: Vec<&str> = text.lines().step_by(20).collect();
-    std::fs::write(&few, picked.join("\n")).unwrap();
+    let (few, n) = bench_subset(dir.path(), 20);
     // The same samples, once clean and once blurred hard enough to fail some of them.
     let mut verdicts = Vec::new();
     for (name, blur) in [("clean", "0"), ("blurred", "2.5")] {
@@ -190,7 +191,7 @@ fn verdicts_compare_paired_and_name_bad_files() {
         let file = dir.path().join(format!("{name}.jsonl"));
         tessera().args(["eval", "--json", "--bench"]).arg(&few).arg("--images").arg(&images).arg("--verdicts").arg(&file).assert().success();
         let lines = std::fs::read_to_string(&file).unwrap();
-        assert_eq!(lines.lines().count(), picked.len());
+        assert_eq!(lines.lines().count(), n);
         verdicts.push(file);
     }
     let clean = std::fs::read_to_string(&verdicts[0]).unwrap();
@@ -235,5 +236,5 @@ fn verdicts_compare_paired_and_name_bad_files() {
         .arg(&short)
         .assert()
         .failure()
-        .stderr(predicate::str::contains(format!("{} base verdicts, 1 candidate verdicts", picked.len())));
+        .stderr(predicate::str::contains(format!("{n} base verdicts, 1 candidate verdicts")));
 }
