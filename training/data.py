@@ -12,6 +12,8 @@ RUN/data/<split>/shard_NNN/{samples.jsonl, images.u8} plus RUN/data/<split>/DONE
     heldout     1,000 text-to-image 128x128 images with their own seed, for the VQ's PSNR
     vq_text     extra 128x128 images of signs (the world's `text` category) for the VQ only:
                 none unless --n-vq-text asks (the LM, the tokenizer and encode.py ignore it)
+    vq_count    extra 128x128 images of the `counting` category (many small shapes), for the VQ
+                only, as vq_text: none unless --n-vq-count asks
 
 Split names carry the token grid as HxW (rows x columns); the binary's --size is W x H pixels.
 Seeds: shard s of split i uses SEED_BASE + 1000*i + s; no seed here is the bench seed (see
@@ -41,9 +43,10 @@ SPLITS = {
     "edit_16x16": ("edit", 128, 128, 80_000),
     "heldout": ("t2i", 128, 128, 1_000),
     "vq_text": ("t2i", 128, 128, 0),
+    "vq_count": ("t2i", 128, 128, 0),
 }
-CATEGORIES = {"vq_text": "text"}  # splits drawn from some of the world's categories only
-VQ_ONLY = ("vq_text",)         # splits only the VQ trains on
+CATEGORIES = {"vq_text": "text", "vq_count": "counting"}  # splits drawn from some categories only
+VQ_ONLY = ("vq_text", "vq_count")  # splits only the VQ trains on
 SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 PATCH = 8                  # VQ spatial factor: token grid = pixels / 8
 

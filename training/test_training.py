@@ -340,6 +340,8 @@ def test_vq_only_split_leaves_the_lm_data_alone():
     # Earlier splits keep their indices, so the same --seed-base still gives the same data.
     assert list(datalib.SPLITS)[:5] == ["t2i_16x16", "t2i_12x20", "t2i_20x12", "edit_16x16", "heldout"]
     assert datalib.SPLITS["vq_text"][3] == 0, "no sign images unless --n-vq-text asks"
+    assert datalib.SPLITS["vq_count"][3] == 0, "no extra counting images unless --n-vq-count asks"
+    assert list(datalib.SPLITS)[5:] == ["vq_text", "vq_count"]
     for split in datalib.VQ_ONLY:
         assert split not in enclib.SPLITS and all(split != s for s, _, _ in lmlib.BUCKETS)
         assert datalib.shard_seed(split, 0, 7_000_000) not in {datalib.shard_seed(s, 0, 7_000_000) for s in enclib.SPLITS}
