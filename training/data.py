@@ -180,10 +180,24 @@ def load_images(run, split, limit=None):
         if i >= n:
             break
         take = min(c, n - i)
-        arr = np.fromfile(os.path.join(d, "images.u8"), dtype=np.uint8, count=take * int(np.prod(per_sample)))
-        out[i:i + take] = arr.reshape(take, *per_sample)
+        out[i:i + take] = load_shard_images(d, split, take)
         i += take
     return out
+
+
+def shard_dirs(run, split):
+    """The shard directories of a split, in sample order."""
+    return _shards(run, split)
+
+
+def load_shard_images(shard_dir, split, count=None):
+    """One shard's images (all of them, or the first `count`), shaped as in load_images."""
+    task, w, h, _ = SPLITS[split]
+    per_sample = (2, h, w, 3) if task == "edit" else (h, w, 3)
+    if count is None:
+        count = _count_lines(os.path.join(shard_dir, "samples.jsonl"))
+    arr = np.fromfile(os.path.join(shard_dir, "images.u8"), dtype=np.uint8, count=count * int(np.prod(per_sample)))
+    return arr.reshape(count, *per_sample)
 
 
 def text_of(rec):

@@ -1,10 +1,13 @@
 """Stage 4: encode every training image to a VQ code grid, once (batched, on the GPU).
 
-    python3 training/encode.py --run RUN [--vq RUN/vq/vq.safetensors] [--device cuda] [--batch 512]
+    python3 training/encode.py --run RUN [--vq RUN/vq/vq.safetensors] [--device cuda] [--batch 512] [--gpus N]
 
 Writes RUN/codes/<split>.npy (int16; (N,h,w) for t2i splits, (N,2,h,w) source/target for edits),
 RUN/codes/<split>.texts.json (the caption or instruction of each sample) and RUN/codes/DONE.
 Uses the fp16-rounded VQ that ships, so the LM learns the codes Tessera's encoder produces.
+`--gpus N` (default: every GPU there is) encodes in N processes, one per GPU, each taking every
+N-th shard of every split (RUN/codes/parts/, joined in shard order at the end): the same codes as
+one process, N times as fast. On the CPU (`--device cpu --gpus N`) the processes share the CPU.
 """
 
 import argparse
@@ -60,6 +63,64 @@ def encode_split(vq, run, split, u8, batch, amp, fast=True):
     return codes
 
 
+def _encode_worker(rank, n, run, vq_path, device, batch, no_amp, fast):
+    """Process `rank` of n: every n-th shard of every split, each to RUN/codes/parts/SPLIT.SHARD.npy."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", rank)
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+
+    def amp():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not no_amp)
+
+    vq, _ = vqlib.load_vq(vq_path, dev)
+    vqlib.channels_last(vq)
+    parts = os.path.join(run, "codes", "parts")
+    for split in SPLITS:
+        if not os.path.exists(os.path.join(run, "data", split, "DONE")):
+            continue
+        shards = data.shard_dirs(run, split)
+        for j in range(rank, len(shards), n):
+            u8 = torch.from_numpy(data.load_shard_images(shards[j], split))
+            if u8.ndim == 5:
+                codes = encode_tensor(vq, u8.reshape(-1, *u8.shape[2:]), batch, amp, fast)
+                codes = codes.reshape(u8.shape[0], 2, *codes.shape[1:])
+            else:
+                codes = encode_tensor(vq, u8, batch, amp, fast)
+            np.save(os.path.join(parts, f"{split}.{j:05d}.npy"), codes)
+
+
+def encode_parallel(run, vq_path, device, n, batch, no_amp, fast):
+    """Encodes every split in n processes (_encode_worker), then joins each split's shards in
+    order into RUN/codes/SPLIT.npy with its texts, as encode_split does. Returns the codes."""
+    import shutil
+    import torch.multiprocessing as mp
+    parts = os.path.join(run, "codes", "parts")
+    shutil.rmtree(parts, ignore_errors=True)
+    os.makedirs(parts)
+    t0 = time.time()
+    mp.spawn(_encode_worker, args=(n, run, vq_path, device, batch, no_amp, fast), nprocs=n, join=True)
+    all_codes = []
+    for split in SPLITS:
+        if not os.path.exists(os.path.join(run, "data", split, "DONE")):
+            print(f"[encode] {split}: no data, skipped", flush=True)
+            continue
+        n_shards = len(data.shard_dirs(run, split))
+        codes = np.concatenate([np.load(os.path.join(parts, f"{split}.{j:05d}.npy")) for j in range(n_shards)])
+        np.save(os.path.join(run, "codes", f"{split}.npy"), codes)
+        texts = [data.text_of(r) for r in data.load_meta(run, split)]
+        assert len(texts) == codes.shape[0], (split, len(texts), codes.shape)
+        with open(os.path.join(run, "codes", f"{split}.texts.json"), "w") as f:
+            json.dump(texts, f)
+        print(f"[encode] {split}: codes {codes.shape} ({n} processes, {time.time()-t0:.1f}s so far)", flush=True)
+        all_codes.append(codes)
+    shutil.rmtree(parts)
+    return all_codes
+
+
 def finish(run, all_codes, k, t0):
     """Codebook usage over all training codes; writes RUN/codes/DONE."""
     counts = np.zeros(k, dtype=np.int64)
@@ -82,8 +143,18 @@ def main():
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--hf-forward", action="store_true", help="transformers' encoder forward instead of the fast trunk")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="encoding processes, one per GPU (default: every GPU; 1 on the CPU)")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    n = args.gpus if args.gpus is not None else (torch.cuda.device_count() if dev.type == "cuda" else 1)
+    vq_path = args.vq or os.path.join(args.run, "vq", "vq.safetensors")
+    if n > 1:
+        t0 = time.time()
+        _, cfg = vqlib.load_vq(vq_path, "cpu")
+        all_codes = encode_parallel(args.run, vq_path, args.device, n, args.batch, args.no_amp, not args.hf_forward)
+        finish(args.run, all_codes, cfg["codebook_size"], t0)
+        return
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -91,7 +162,7 @@ def main():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not args.no_amp)
 
     t0 = time.time()
-    vq, cfg = vqlib.load_vq(args.vq or os.path.join(args.run, "vq", "vq.safetensors"), dev)
+    vq, cfg = vqlib.load_vq(vq_path, dev)
     vqlib.channels_last(vq)
     all_codes = []
     for split in SPLITS:

@@ -29,6 +29,13 @@ tokenizer must be the shipped one (checked), so every id keeps its meaning.
 and the last weights beside it (RUN/lm/lm_last.safetensors, f16), so both can be judged.
 `--profile N` prints torch.profiler's top ops for N steps and exits; `--trace-steps N` prints the
 same table for N steps of the real run.
+
+Data parallel (`--gpus N`: N processes, one per GPU; on the CPU, N gloo processes for tests;
+torchrun's environment works too): every rank trains the same model on its own draw of the
+data (seed + 1000 * rank) and the gradients are averaged (one all-reduce of a flat buffer per
+step), so a step sees N times the sequences of a single process. Rank 0 alone logs, evaluates,
+keeps the moving average and writes the files; the learning-rate clock is rank 0's, shared every
+CLOCK_EVERY steps (`Clock`) so every rank applies the same rate without a host sync per step.
 """
 
 import argparse
@@ -95,6 +102,7 @@ VAL_FRAC = 0.01            # last 1% of each bucket: validation loss only
 EVAL_EVERY = 60.0          # seconds
 VAL_N = 256                # validation sequences per bucket, the same ones at every evaluation
 VAL_SEED = 12345           # their draw (index sampling only, not a world seed)
+CLOCK_EVERY = 16           # data parallel: steps between two readings of rank 0's clock
 
 # Sequence layouts, documented in config.json by export.py.
 T2I_LAYOUT = "<|extra_203|>{caption}<|image start|>{H}*{W}<|image token|>{row_0}<|extra_200|>...{row_H-1}<|extra_200|><|extra_201|><|image end|><|extra_204|>"
@@ -335,7 +343,113 @@ def synthetic_codes(tok, sp, n=4000, seed=0):
     return out
 
 
-def main():
+class Dist:
+    """The process group of a torchrun launch (WORLD_SIZE > 1), or a single process (rank 0 of 1).
+    NCCL between GPUs (cuda:LOCAL_RANK), gloo on the CPU."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = torch.device(device)
+        if self.world <= 1:
+            self.world, self.rank = 1, 0
+            return
+        import torch.distributed as dist
+        self.dist = dist
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self._flat = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def average_grads(self, params):
+        """Every parameter's gradient replaced by its mean over the ranks: one all-reduce of one
+        flat buffer (allocated once)."""
+        if self.world == 1:
+            return
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        if self._flat is None:
+            self._flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+            self._views = [v.view_as(g) for v, g in zip(self._flat.split([g.numel() for g in grads]), grads)]
+        torch._foreach_copy_(self._views, grads)
+        self.dist.all_reduce(self._flat)
+        self._flat.div_(self.world)
+        torch._foreach_copy_(grads, self._views)
+
+    def share(self, values):
+        """Rank 0's floats, on every rank (a host sync: call it rarely)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.broadcast(t, 0)
+        return t.tolist()
+
+    def same_params(self, params):
+        """The largest difference between this rank's parameters and rank 0's (0.0: in step)."""
+        if self.world == 1:
+            return 0.0
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        ref = flat.clone()
+        self.dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max().reshape(1)
+        self.dist.all_reduce(diff, op=self.dist.ReduceOp.MAX)
+        return diff.item()
+
+    def close(self):
+        if self.world > 1:
+            self.dist.barrier()
+            self.dist.destroy_process_group()
+
+
+class Clock:
+    """The fraction of the time budget spent, as every rank must see it. One process: the wall
+    clock at every step. Data parallel: rank 0's reading and its rate per step, shared at steps
+    0, 1, 2, 4, 8 and then every CLOCK_EVERY steps, and extrapolated in between, so the ranks agree on every step's learning
+    rate and on the step that ends the run, with no host sync in the other steps."""
+
+    def __init__(self, dist, seconds, every=CLOCK_EVERY):
+        self.dist, self.seconds, self.every = dist, seconds, every
+        self.t0 = time.time()
+        self.base, self.rate, self.base_step = 0.0, 0.0, 0
+        self.last = (self.t0, 0)
+
+    def frac(self, step):
+        if self.dist.world == 1:
+            return (time.time() - self.t0) / self.seconds
+        if step % self.every == 0 or (step & (step - 1)) == 0:   # and at steps 1, 2, 4, 8: a first rate soon
+            now = time.time()
+            rate = (now - self.last[0]) / max(1, step - self.last[1]) / self.seconds
+            self.last = (now, step)
+            self.base, self.rate = self.dist.share([(now - self.t0) / self.seconds, rate])
+            self.base_step = step
+        return self.base + (step - self.base_step) * self.rate
+
+
+def launch(n, argv):
+    """--gpus N: N ranks of this script on this host (torch.multiprocessing), each running main."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_entry, args=(n, port, argv), nprocs=n, join=True)
+
+
+def _rank_entry(rank, n, port, argv):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    main(argv)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
     ap.add_argument("--seconds", type=float, default=SECONDS)
@@ -369,10 +483,19 @@ def main():
     ap.add_argument("--synthetic", action="store_true", help="with --profile: random codes instead of RUN/codes")
     ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
                     help="print torch.profiler's top ops for N steps of the real run (after step 30)")
-    args = ap.parse_args()
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="data parallel over N GPUs (cuda:0..N-1; on --device cpu, N processes): N times the "
+                         "sequences per step, gradients averaged")
+    args = ap.parse_args(argv)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        launch(args.gpus, sys.argv[1:] if argv is None else argv)
+        return
 
     torch.manual_seed(args.seed)
-    dev = torch.device(args.device)
+    ddp = Dist(args.device)
+    dev = ddp.device
+    if ddp.world > 1 and (args.profile or args.trace_steps):
+        raise SystemExit("[lm] --profile/--trace-steps run in one process (no torchrun)")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     use_amp = not args.no_amp
@@ -384,7 +507,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
 
     def log(s):
-        print(s, flush=True)
+        if ddp.main:
+            print(s, flush=True)
 
     from tokenizers import Tokenizer
     tok_path = os.path.join(args.run, "tokenizer", "tokenizer.json")
@@ -450,6 +574,10 @@ def main():
     if init_sd is not None:
         model.load_state_dict(init_sd, strict=True)
         log(f"[lm] warm start from {args.init}")
+    if ddp.world > 1:   # every rank starts from rank 0's weights (a fresh init's too)
+        for p in model.parameters():
+            ddp.dist.broadcast(p.data, 0)
+        log(f"[lm] data parallel: {ddp.world} ranks ({dev.type}), {ddp.world}x the sequences per step")
     n_params = sum(p.numel() for p in model.parameters())
     n_emb = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
     tok_per_step = sum(b.batch * (b.tmax // 2 + b.target_len + (b.img_len + 8 if b.kind == "edit" else 6)) for b in buckets)
@@ -463,14 +591,14 @@ def main():
     params = list(model.parameters())
     # The average starts at the first weights (a warm start's model): averaging a run with where it
     # began is what made the shipped soup (training/soup.py) better than either end.
-    ema = [p.detach().clone() for p in params] if args.ema else None
+    ema = [p.detach().clone() for p in params] if args.ema and ddp.main else None
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=BETAS, fused=dev.type == "cuda")
     inner = torch.compile(model.model, dynamic=True) if args.compile else None
     model.train()
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed + 1000 * ddp.rank)   # each rank its own draw
     index = {b.name: j for j, b in enumerate(buckets)}
 
     def groups_of(merge):
@@ -506,8 +634,9 @@ def main():
             for (loss_sum, n), b in zip(res, grp):
                 acc[2 * index[b.name]] += loss_sum.detach()
                 acc[2 * index[b.name] + 1] += n
-            counters["tokens"] += max(s[0].shape[1] for s in got) * sum(s[0].shape[0] for s in got)
-            counters["real"] += sum(s[3] for s in got)
+            counters["tokens"] += max(s[0].shape[1] for s in got) * sum(s[0].shape[0] for s in got) * ddp.world
+            counters["real"] += sum(s[3] for s in got) * ddp.world   # every rank's (the same batch shape)
+        ddp.average_grads(params)
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
 
@@ -528,24 +657,26 @@ def main():
         run_profiler(lambda i: train_step(1e-6, groups), args.profile, dev, log)
         return
 
+    names = [b.name for b in buckets]
+    if not ddp.main:
+        train_rank(ddp, args, train_step, groups, params)
+        return
     fcsv = open(os.path.join(out_dir, "lm_log.csv"), "w", newline="")
     wr = csv.writer(fcsv)
-    names = [b.name for b in buckets]
     wr.writerow(["step", "seconds", "tokens", "lr", "loss"] + [f"loss_{n}" for n in names] + [f"val_{n}" for n in names])
 
     if init_sd is not None:
         log("[lm] start: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, val_loss(model, buckets, amp))))
-    t0 = time.time()
-    seconds = args.seconds
-    if args.deadline is not None:
-        seconds = max(10.0, min(seconds, args.deadline - t0))
+    seconds = train_seconds(args)
+    clock = Clock(ddp, seconds)
+    t0 = clock.t0
     log(f"[lm] training for {seconds:.0f}s: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to {args.min_lr_frac:.0%}), "
         f"{len(groups)} forwards per step{', compiled' if inner is not None else ''}"
         + (", warm start" if init_sd is not None else ""))
     last_eval, last_save, step = t0, t0, 0
     traced = args.trace_steps <= 0
     while True:
-        frac = (time.time() - t0) / seconds
+        frac = clock.frac(step)
         if frac >= 1.0:
             break
         lr = lr_at(frac, args.lr, args.warmup, args.min_lr_frac)
@@ -587,6 +718,8 @@ def main():
             last_save = time.time()
             log(f"[lm] checkpoint at step {step} ({last_save - t0:.0f}s)")
     train_s = time.time() - t0
+    if ddp.world > 1:
+        log(f"[lm] ranks in step at the end: largest weight difference from rank 0 {ddp.same_params(params):.3g}")
     if ema is not None:
         raw = val_loss(model, buckets, amp)
         log("[lm] last weights: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, raw)))
@@ -601,6 +734,28 @@ def main():
     log(f"[lm] trained {step} steps, {counters['real']/1e6:.1f}M tokens ({counters['tokens']/1e6:.1f}M with padding) "
         f"in {train_s:.0f}s ({counters['real']/train_s/1e3:.0f}k tok/s); "
         f"val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, vals)))
+    ddp.close()
+
+
+def train_seconds(args):
+    """The training time budget: --seconds, cut to end by --deadline."""
+    if args.deadline is None:
+        return args.seconds
+    return max(10.0, min(args.seconds, args.deadline - time.time()))
+
+
+def train_rank(ddp, args, train_step, groups, params):
+    """A data-parallel rank other than 0: the same steps at the same learning rates as rank 0
+    (the shared Clock), no logging, evaluation or files."""
+    clock, step = Clock(ddp, train_seconds(args)), 0
+    while True:
+        frac = clock.frac(step)
+        if frac >= 1.0:
+            break
+        train_step(lr_at(frac, args.lr, args.warmup, args.min_lr_frac), groups)
+        step += 1
+    ddp.same_params(params)
+    ddp.close()
 
 
 def sync(dev):

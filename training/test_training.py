@@ -362,6 +362,94 @@ def test_sign_layout_follows_the_world():
     assert abs(sign_bits.conditional_entropy(counts) - 0.5) < 1e-9   # code 1 holds two masks
 
 
+def _fake_run(root, n_shards=3, per_shard=5, seed=0):
+    """A RUN directory with random images in shards (t2i_16x16 and edit_16x16) and a tokenizer."""
+    import json
+    import data as datalib
+    rng = np.random.default_rng(seed)
+    words = ["a red circle", "two blue stars", "a sign that says CAT", "make the circle blue"]
+    for split, task in (("t2i_16x16", "t2i"), ("edit_16x16", "edit")):
+        _, w, h, _ = datalib.SPLITS[split]
+        for j in range(n_shards):
+            d = os.path.join(root, "data", split, f"shard_{j:03d}")
+            os.makedirs(d)
+            shape = (per_shard, 2, h, w, 3) if task == "edit" else (per_shard, h, w, 3)
+            rng.integers(0, 256, shape, dtype=np.uint8).tofile(os.path.join(d, "images.u8"))
+            with open(os.path.join(d, "samples.jsonl"), "w") as f:
+                for i in range(per_shard):
+                    text = f"{words[(i + j) % 4]} {j} {i}"
+                    rec = {"task": task, "instruction": text} if task == "edit" else {"task": task, "caption": text}
+                    f.write(json.dumps(rec) + "\n")
+        open(os.path.join(root, "data", split, "DONE"), "w").close()
+    os.makedirs(os.path.join(root, "tokenizer"))
+    _tokenizer().save(os.path.join(root, "tokenizer", "tokenizer.json"))
+
+
+def test_parallel_encode_equals_one_process():
+    """encode.py --gpus 2 (here two CPU processes) writes the codes and texts one process writes."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as d:
+        _fake_run(d)
+        vq = _vq_with_data_codebook(7)
+        vq.export_form = True
+        vqlib.save_vq(vq, CFG, os.path.join(d, "vq.safetensors"))
+        got = {}
+        for n in (1, 2):
+            r = subprocess.run([sys.executable, os.path.join(here, "encode.py"), "--run", d, "--vq", os.path.join(d, "vq.safetensors"),
+                                "--device", "cpu", "--gpus", str(n), "--batch", "4", "--no-amp"],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            got[n] = {s: (np.load(os.path.join(d, "codes", f"{s}.npy")),
+                          json.load(open(os.path.join(d, "codes", f"{s}.texts.json")))) for s in ("t2i_16x16", "edit_16x16")}
+            assert not os.path.exists(os.path.join(d, "codes", "parts"))
+            shutil.rmtree(os.path.join(d, "codes"))
+        for s in got[1]:
+            assert got[1][s][0].shape == ((15, 16, 16) if s == "t2i_16x16" else (15, 2, 16, 16))
+            assert np.array_equal(got[1][s][0], got[2][s][0]), s
+            assert got[1][s][1] == got[2][s][1] and got[1][s][1][5] == "two blue stars 1 0"
+
+
+def test_data_parallel_ranks_stay_in_step():
+    """lm.py --gpus 2 on the CPU (two gloo ranks): the ranks average their gradients, agree on
+    every step's learning rate and the last step, end with equal weights, and rank 0 writes the
+    checkpoint; the loss falls."""
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as d:
+        _fake_run(d, n_shards=2, per_shard=40)
+        tok = _tokenizer()
+        codes = os.path.join(d, "codes")
+        os.makedirs(codes)
+        rng = np.random.default_rng(1)
+        import json
+        # Learnable codes: every image is one code repeated, chosen by the caption's first word.
+        for split, shape in (("t2i_16x16", (80, 16, 16)), ("edit_16x16", (80, 2, 16, 16))):
+            first = rng.integers(0, 4, shape[0])
+            np.save(os.path.join(codes, f"{split}.npy"),
+                    np.broadcast_to(first.reshape(-1, *[1] * (len(shape) - 1)) * 5, shape).astype(np.int16))
+            json.dump([["red", "blue", "green", "yellow"][k] + " thing" for k in first], open(os.path.join(codes, f"{split}.texts.json"), "w"))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, os.path.join(here, "lm.py"), "--gpus", "2", "--run", d, "--tiny", "--device", "cpu", "--seconds", "12",
+                            "--no-amp", "--lr", "3e-3", "--eval-every", "1000", "--bucket-batch", "t2i_16x16=4",
+                            "--bucket-batch", "t2i_12x20=1", "--bucket-batch", "t2i_20x12=1", "--bucket-batch", "edit_16x16=2",
+                            "--ema", "0.9"],
+                           capture_output=True, text=True, timeout=600, env=env)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        assert "data parallel: 2 ranks" in out, out[-3000:]
+        assert "largest weight difference from rank 0 0\n" in out, out[-3000:]
+        assert os.path.exists(os.path.join(d, "lm", "lm.safetensors")) and os.path.exists(os.path.join(d, "lm", "lm_last.safetensors"))
+        rows = [line.split(",") for line in open(os.path.join(d, "lm", "lm_log.csv")).read().splitlines()[1:]]
+        losses = [float(row[4]) for row in rows if row[3] != "final" and row[4]]
+        assert len(losses) >= 3 and losses[-1] < 0.7 * losses[0], losses
+        assert out.count("[lm] trained") == 1       # rank 0 alone reports
+
+
 if __name__ == "__main__":
     tests = [v for k, v in sorted(globals().items()) if k.startswith("test_")]
     failed = 0
