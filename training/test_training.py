@@ -10,7 +10,9 @@
 - the fast training forward (fast_encode_latents / fast_decode_latents) == HF's, values and gradients;
 - a training step (restarts, decoder-only phase) runs without reading anything back from the device;
 - merged t2i forwards give the per-bucket losses; host-side batch lengths == device-built ones;
-- warm start reads back exactly the weights an export wrote (VQ and LM).
+- warm start reads back exactly the weights an export wrote (VQ and LM);
+- encode.py --gpus 2 writes the codes of one process; lm.py --gpus 2 (two gloo ranks) keeps the
+  ranks' weights equal and learns.
 """
 
 import os
