@@ -42,7 +42,8 @@ channels, and the VQ attention width must equal base*mult[-1]. The spec's mult [
 (hidden 64) would be about 2.7 MiB for the VQ alone, so both fixtures use 32-channel VQs:
 * tiny-t4: temporal factor 4, mult [1,1] (spatial factor 2), attention at level 1.
 * tiny-t1: temporal factor 1, mult [1] (spatial factor 1), no level attention.
-The LMs differ in kv heads, rope theta, rms eps, intermediate size and vocab padding. The
+The LMs differ in kv heads, rope theta, rms eps, intermediate size, vocab padding and the
+head: t1 ties it to the embedding (``tie_word_embeddings``: no ``lm_head`` tensor on disk). The
 vocab layouts differ as well: in t4 the visual tokens come after the specials, in t1
 before them.
 
@@ -192,6 +193,7 @@ FIXTURE_SPECS = {
     "tiny-t4": dict(
         seed=1234,
         visual_first=False,
+        tied=False,
         vocab_pad_to=1,  # vocab_size == len(tokenizer)
         text=dict(
             hidden_size=32,
@@ -228,6 +230,7 @@ FIXTURE_SPECS = {
     "tiny-t1": dict(
         seed=4321,
         visual_first=True,
+        tied=True,  # the head is the embedding matrix (tie_word_embeddings)
         vocab_pad_to=16,  # vocab_size rounded up: some ids have no token
         text=dict(
             hidden_size=32,
@@ -284,7 +287,7 @@ def build_config(spec, vocab: dict[str, int]) -> Emu3Config:
         bos_token_id=ids["bos"],
         eos_token_id=ids["eos"],
         rope_parameters={"rope_type": "default", "rope_theta": theta},
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec["tied"],
         **t,
     )
     vq_config = Emu3VQVAEConfig(attention_dropout=0.0, in_channels=3, out_channels=3, double_latent=False, **spec["vq"])
@@ -292,7 +295,7 @@ def build_config(spec, vocab: dict[str, int]) -> Emu3Config:
         text_config=text_config.to_dict(),
         vq_config=vq_config.to_dict(),
         vocabulary_map=dict(sorted(vocab.items(), key=lambda kv: kv[1])),
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec["tied"],
     )
 
 
@@ -312,14 +315,16 @@ def randomize(model: Emu3ForConditionalGeneration, gen: torch.Generator):
     text = model.model.text_model
     d = text.config.hidden_size
     # LM: O(1) activations, logits with a spread of a few nats.
+    tied = model.config.tie_word_embeddings
     for name, p in sorted(text.named_parameters()):
         if name.endswith("embed_tokens.weight"):
-            normal_(p, 1.0)
+            normal_(p, 2.0 / math.sqrt(d) if tied else 1.0)   # tied: also the head (logits of a few nats)
         elif "norm" in name:
             uniform_(p, 0.5, 1.5)
         else:  # q/k/v/o, gate/up/down: Linear [out, in]
             normal_(p, 1.0 / math.sqrt(p.shape[1]))
-    normal_(model.lm_head.weight, 2.0 / math.sqrt(d))
+    if not model.config.tie_word_embeddings:   # tied: the head is the embedding drawn above
+        normal_(model.lm_head.weight, 2.0 / math.sqrt(d))
 
     vq = model.model.vqmodel
     for mname, m in sorted(vq.named_modules()):
@@ -679,7 +684,8 @@ def verify(out_dir: str):
     with safetensors.safe_open(os.path.join(out_dir, "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert all(k.startswith(("text_model.model.", "text_model.lm_head.", "vqmodel.")) for k in keys), keys[:5]
-    assert "text_model.lm_head.weight" in keys
+    # A tied head is the embedding: save_pretrained writes no lm_head tensor.
+    assert ("text_model.lm_head.weight" in keys) != model.config.tie_word_embeddings
 
 
 def main():

@@ -106,7 +106,10 @@ def assemble(run, device="cpu"):
     k = vq_cfg["codebook_size"]
     assert sum(1 for t in vocab if t.startswith("<|visual token")) == k, "tokenizer and VQ disagree on K"
     assert text_config.vocab_size == len(vocab), (text_config.vocab_size, len(vocab))
-    config = Emu3Config(text_config=text_config.to_dict(), vq_config=vq_cfg, vocabulary_map=vocab)
+    # A tied head (text_config.tie_word_embeddings) is tied at the top level too, so save_pretrained
+    # writes the embedding once and transformers and Tessera both read the head from it.
+    config = Emu3Config(text_config=text_config.to_dict(), vq_config=vq_cfg, vocabulary_map=vocab,
+                        tie_word_embeddings=text_config.tie_word_embeddings)
     model = Emu3ForConditionalGeneration(config)
     model.model.text_model.load_state_dict(lm.model.state_dict(), strict=True)
     model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)

@@ -810,9 +810,12 @@ class swapped:
 
 def save_lm(model, config, out_dir, name="lm", dtype=torch.float32):
     """Weights (float32 unless `dtype`) as NAME.safetensors + lm_config.json; written to temporary
-    files and renamed (a reader never sees half)."""
+    files and renamed (a reader never sees half). A tied head is not written twice (`warm.with_head`
+    puts it back on loading)."""
     from safetensors.torch import save_file
-    sd = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    sd = {k: v.detach().to(dtype).cpu().contiguous() for k, v in model.state_dict().items()
+          if not (tied and k == "lm_head.weight")}
     save_file(sd, os.path.join(out_dir, f"{name}.safetensors.tmp"))
     with open(os.path.join(out_dir, "lm_config.json.tmp"), "w") as f:
         f.write(config.to_json_string())
@@ -825,8 +828,9 @@ def load_lm(run_dir, device="cpu"):
     from transformers import Emu3ForCausalLM, Emu3TextConfig
     config = Emu3TextConfig.from_json_file(os.path.join(run_dir, "lm", "lm_config.json"))
     model = Emu3ForCausalLM(config)
-    model.load_state_dict({k: v.float() for k, v in load_file(os.path.join(run_dir, "lm", "lm.safetensors")).items()},
-                          strict=True)
+    import warm  # noqa: E402  (training/warm.py)
+    sd = {k: v.float() for k, v in load_file(os.path.join(run_dir, "lm", "lm.safetensors")).items()}
+    model.load_state_dict(warm.with_head(sd, config), strict=True)
     return model.to(device), config
 
 

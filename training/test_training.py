@@ -12,7 +12,8 @@
 - merged t2i forwards give the per-bucket losses; host-side batch lengths == device-built ones;
 - warm start reads back exactly the weights an export wrote (VQ and LM);
 - encode.py --gpus 2 writes the codes of one process; lm.py --gpus 2 (two gloo ranks) keeps the
-  ranks' weights equal and learns.
+  ranks' weights equal and learns;
+- a tied head (tie_word_embeddings) saves, exports (once, no lm_head tensor) and warm-starts.
 """
 
 import os
@@ -450,6 +451,59 @@ def test_data_parallel_ranks_stay_in_step():
         losses = [float(row[4]) for row in rows if row[3] != "final" and row[4]]
         assert len(losses) >= 3 and losses[-1] < 0.7 * losses[0], losses
         assert out.count("[lm] trained") == 1       # rank 0 alone reports
+
+
+def test_tied_head_trains_exports_and_warm_starts():
+    """tie_word_embeddings (one matrix for the embedding and the head, what a larger codebook
+    would need to fit 64 MiB): lm.py saves and reloads it, export.py writes it once (no lm_head
+    tensor; transformers reloads it strictly and generates), and a warm start reads it back."""
+    import json
+    import subprocess
+    import tempfile
+    import warm
+    from safetensors import safe_open
+    here = os.path.dirname(os.path.abspath(__file__))
+    tok = _tokenizer()
+    sp = toklib.special_ids(tok)
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "tokenizer"))
+        os.makedirs(os.path.join(d, "vq"))
+        tok.save(os.path.join(d, "tokenizer", "tokenizer.json"))
+        with open(os.path.join(d, "tokenizer", "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
+        torch.manual_seed(3)
+        vq_cfg = dict(vqlib.TINY_VQ_CONFIG, codebook_size=64)
+        vq = vqlib.build_vq(vq_cfg, "cpu")
+        vq.export_form = True
+        vqlib.save_vq(vq, vq_cfg, os.path.join(d, "vq", "vq.safetensors"))
+        lm, config = lmlib.build_lm(dict(lmlib.TINY_LM_CONFIG, tie_word_embeddings=True), tok.get_vocab_size(), sp, "cpu")
+        assert lm.lm_head.weight is lm.model.embed_tokens.weight
+        os.makedirs(os.path.join(d, "lm"))
+        lmlib.save_lm(lm, config, os.path.join(d, "lm"))
+        with safe_open(os.path.join(d, "lm", "lm.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()
+        back, _ = lmlib.load_lm(d)
+        ids = torch.tensor([[sp["bos"], 5, 9, 11, sp["sov"]]])
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, lm(ids).logits)
+        out = os.path.join(d, "root")
+        r = subprocess.run([sys.executable, os.path.join(here, "export.py"), "--run", d, "--out", out, "--device", "cpu"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        keys = set()
+        for name in os.listdir(os.path.join(out, "weights")):
+            if name.endswith(".safetensors"):
+                with safe_open(os.path.join(out, "weights", name), "pt") as f:
+                    keys |= set(f.keys())
+        assert not any("lm_head" in k for k in keys) and any("embed_tokens" in k for k in keys), sorted(keys)[:5]
+        with open(os.path.join(out, "weights", "config.json")) as f:
+            exported = json.load(f)
+        assert exported["tie_word_embeddings"] and exported["text_config"]["tie_word_embeddings"]
+        tconf, sd = warm.load_lm_init(out)
+        assert tconf.tie_word_embeddings and torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
+        again, _ = lmlib.build_lm(None, None, None, "cpu", tconf)
+        again.load_state_dict(sd, strict=True)
+        assert torch.equal(again.lm_head.weight, lm.lm_head.weight.half().float())
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def load_vq_init(path):
     return cfg, sd
 
 
+def with_head(sd, config):
+    """An LM state_dict as load_state_dict wants it: a tied head (`tie_word_embeddings`, saved
+    without `lm_head.weight`) gets the embedding back under its own name."""
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in sd:
+        sd = dict(sd, **{"lm_head.weight": sd["model.embed_tokens.weight"]})
+    return sd
+
+
 def load_lm_init(path):
     """(Emu3TextConfig, float32 state_dict of Emu3ForCausalLM) of the LM at `path`."""
     from transformers import Emu3TextConfig
@@ -79,7 +87,7 @@ def load_lm_init(path):
         from safetensors.torch import load_file
         config = Emu3TextConfig.from_json_file(run_cfg)
         sd = {k: v.float() for k, v in load_file(os.path.join(path, "lm", "lm.safetensors")).items()}
-        return config, sd
+        return config, with_head(sd, config)
     wdir = weights_dir(path)
     if wdir is None:
         raise FileNotFoundError(f"--init {path}: no weights/config.json, config.json or lm/lm_config.json there")
