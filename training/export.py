@@ -302,7 +302,8 @@ def main():
 
     summary = {"shipped_bytes": shipped, "weight_files": files,
                "params": sum(p.numel() for p in model.parameters()),
-               "lm_params": sum(p.numel() for p in model.model.text_model.parameters()) + model.lm_head.weight.numel(),
+               "lm_params": sum(p.numel() for p in model.model.text_model.parameters())
+               + (0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()),   # a tied head is the embedding
                "vq_params": sum(p.numel() for p in model.model.vqmodel.parameters())}
     try:
         generate_checks(model, tok, sp, k, args, cdir, summary)
