@@ -22,7 +22,8 @@ use tessera::sampler::SamplingParams;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json), a root in the shipped
+    /// layout (weights/ + tokenizer/, e.g. a training export) or a Hugging Face repo id.
     #[arg(long)]
     model: String,
     /// Caption.
@@ -84,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--count and --repeats must be at least 1");
     }
     let t0 = Instant::now();
-    let files = ModelFiles::from_dir(std::path::Path::new(&args.model))?;
+    let files = ModelFiles::resolve(Some(&args.model))?;
     let device = match args.device.as_str() {
         "cpu" => candle_core::Device::Cpu,
         "cuda" => tessera::device::cuda(0)?,
