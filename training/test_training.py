@@ -13,7 +13,8 @@
 - warm start reads back exactly the weights an export wrote (VQ and LM);
 - encode.py --gpus 2 writes the codes of one process; lm.py --gpus 2 (two gloo ranks) keeps the
   ranks' weights equal and learns;
-- a tied head (tie_word_embeddings) saves, exports (once, no lm_head tensor) and warm-starts.
+- a tied head (tie_word_embeddings) saves, exports (once, no lm_head tensor) and warm-starts;
+- a grown codebook (vq.py --grow-codebook) and grow_codes.py keep the LM's function and its ids.
 """
 
 import os
@@ -504,6 +505,80 @@ def test_tied_head_trains_exports_and_warm_starts():
         again, _ = lmlib.build_lm(None, None, None, "cpu", tconf)
         again.load_state_dict(sd, strict=True)
         assert torch.equal(again.lm_head.weight, lm.lm_head.weight.half().float())
+
+
+def test_grown_codebook_keeps_the_lm_and_appends_ids():
+    """vq.py --grow-codebook splits a codebook (old codes unchanged, each copy nearest its parent),
+    and grow_codes.py pairs a model root's LM with the grown VQ: the new visual tokens come after
+    every old id, each new code's LM rows are its parent's, the LM's outputs on the old ids are
+    unchanged, and the result exports and reloads strictly in transformers."""
+    import json
+    import subprocess
+    import tempfile
+    from tokenizers import Tokenizer
+    here = os.path.dirname(os.path.abspath(__file__))
+    cb = F.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    grown = vqlib.grow_codebook(cb, 160, seed=2)
+    assert grown.shape == (160, 8) and torch.equal(grown[:64], cb)
+    assert torch.allclose(grown.norm(dim=1), torch.ones(160), atol=1e-6)
+    assert torch.equal((grown[64:] @ cb.T).argmax(1), torch.arange(96) % 64)
+    tok = _tokenizer()
+    sp = toklib.special_ids(tok)
+    with tempfile.TemporaryDirectory() as d:
+        run = os.path.join(d, "run")
+        for sub in ("tokenizer", "vq", "lm"):
+            os.makedirs(os.path.join(run, sub))
+        tok.save(os.path.join(run, "tokenizer", "tokenizer.json"))
+        with open(os.path.join(run, "tokenizer", "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
+        torch.manual_seed(4)
+        vq_cfg = dict(vqlib.TINY_VQ_CONFIG, codebook_size=64)
+        vq = vqlib.build_vq(vq_cfg, "cpu")
+        with torch.no_grad():
+            vq.quantize.embedding.weight.copy_(cb)
+        vqlib.save_vq(vq, vq_cfg, os.path.join(run, "vq", "vq.safetensors"))
+        lm, config = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
+        lmlib.save_lm(lm, config, os.path.join(run, "lm"))
+
+        def export(src, dst):
+            r = subprocess.run([sys.executable, os.path.join(here, "export.py"), "--run", src, "--out", dst,
+                                "--device", "cpu"], capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+        root = os.path.join(d, "root")
+        export(run, root)
+        big_cfg = dict(vq_cfg, codebook_size=160)
+        big = vqlib.build_vq(big_cfg, "cpu")
+        big.load_state_dict({k: (grown if k == "quantize.embedding.weight" else v)
+                             for k, v in vq.state_dict().items()}, strict=True)
+        vqlib.save_vq(big, big_cfg, os.path.join(d, "big.safetensors"))
+        grun = os.path.join(d, "grown")
+        r = subprocess.run([sys.executable, os.path.join(here, "grow_codes.py"), "--root", root,
+                            "--vq", os.path.join(d, "big.safetensors"), "--run", grun],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        gtok = Tokenizer.from_file(os.path.join(grun, "tokenizer", "tokenizer.json"))
+        old_vocab = tok.get_vocab(with_added_tokens=True)
+        new_vocab = gtok.get_vocab(with_added_tokens=True)
+        assert all(new_vocab[t] == i for t, i in old_vocab.items()) and len(new_vocab) == len(old_vocab) + 96
+        v0 = toklib.visual_offset(gtok, 160)
+        assert v0 == toklib.visual_offset(tok, 64)
+        with open(os.path.join(grun, "grow_codes.json")) as f:
+            parent = torch.tensor(json.load(f)["parent"])
+        assert torch.equal(parent, torch.cat([torch.arange(64), torch.arange(96) % 64]))
+        new_lm, _ = lmlib.load_lm(grun)
+        import warm
+        lm.load_state_dict(warm.load_lm_init(root)[1])     # the root's LM: the f16 export of `lm`
+        ids = torch.tensor([[sp["bos"], 5, 9, v0 + 3, v0 + 63, sp["eol"]]])
+        with torch.no_grad():
+            old_logits = lm(ids).logits
+            new_logits = new_lm(ids).logits
+        assert torch.allclose(new_logits[..., :v0 + 64], old_logits, atol=1e-5)
+        assert torch.equal(new_logits[..., v0 + 64:], new_logits[..., v0 + parent[64:]])
+        with torch.no_grad():
+            child = new_lm(torch.tensor([[sp["bos"], 5, 9, v0 + 64 + 3, v0 + 63, sp["eol"]]])).logits
+        assert torch.allclose(child, new_logits, atol=1e-5)   # code 67 is a copy of code 3
+        export(grun, os.path.join(d, "root8"))
 
 
 if __name__ == "__main__":

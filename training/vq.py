@@ -21,7 +21,9 @@ Writes RUN/vq/{vq.safetensors (fp16, config in metadata), vq_log.csv, recon.png,
 
 Warm start (`--init ROOT`): continues from the VQ shipped in ROOT/weights (or a run's vq.safetensors)
 instead of a fresh one; the config comes from the checkpoint, the codebook is not re-initialised.
-`--freeze-encoder-at F` trains only the decoder (encoder, quant_conv and codebook fixed, so the
+`--grow-codebook K2` (with --init) splits the codebook to K2 codes: the new codes are noisy copies
+of the old ones (code K+i starts at code i % K), so the model starts as it was and training
+separates each pair (`grow_codebook`). `--freeze-encoder-at F` trains only the decoder (encoder, quant_conv and codebook fixed, so the
 codes stop moving) from the time fraction F on; F = 0 is a decoder-only session.
 
 Speed (see README "Throughput"): the training step runs `fast_forward`, the same modules in the
@@ -375,6 +377,18 @@ def loss_fn(x, y, edge_weight=0.0):
     gx = (d[..., :, 1:] - d[..., :, :-1]).abs().mean()
     gy = (d[..., 1:, :] - d[..., :-1, :]).abs().mean()
     return mse, l1, gx + gy
+
+
+def grow_codebook(cb, k2, seed=0, noise=0.01):
+    """A unit-norm codebook of k2 >= K codes: the K old ones, then noisy unit-norm copies (code K+i
+    starts at code i % K). Each copy sits closer to its parent than to any other code, so the
+    encoder's latents split between the two and training pulls them apart."""
+    k, d = cb.shape
+    assert k2 >= k, f"--grow-codebook {k2} is smaller than the codebook ({k})"
+    g = torch.Generator().manual_seed(seed)
+    parents = torch.arange(k2 - k) % k
+    extra = F.normalize(cb[parents] + noise * torch.randn(k2 - k, d, generator=g), dim=1)
+    return torch.cat([cb, extra.to(cb.dtype)])
 
 
 def param_count(m):
@@ -763,6 +777,8 @@ def main():
     ap.add_argument("--min-lr-frac", type=float, default=MIN_LR_FRAC)
     ap.add_argument("--init", default=None, metavar="DIR",
                     help="warm start from a shipped model (ROOT with weights/, a weights dir) or RUN/vq/vq.safetensors")
+    ap.add_argument("--grow-codebook", type=int, default=0, metavar="K2",
+                    help="with --init: split the codebook into K2 codes (grow_codebook)")
     ap.add_argument("--freeze-encoder-at", type=float, default=1.0, metavar="FRAC",
                     help="train only the decoder from this time fraction on (0: decoder-only; 1: never)")
     ap.add_argument("--edge-weight", type=float, default=0.0,
@@ -809,6 +825,14 @@ def main():
         cfg, init_sd = warm.load_vq_init(args.init)
         if args.config or args.tiny:
             log("[vq] --init: the config comes from the checkpoint; --config/--tiny ignored")
+        if args.grow_codebook:
+            key = "quantize.embedding.weight"
+            k0 = cfg["codebook_size"]
+            init_sd[key] = grow_codebook(init_sd[key], args.grow_codebook, args.seed)
+            cfg["codebook_size"] = args.grow_codebook
+            log(f"[vq] --grow-codebook: {k0} -> {args.grow_codebook} codes (noisy copies of the old ones)")
+    elif args.grow_codebook:
+        raise SystemExit("[vq] --grow-codebook needs --init (it splits a trained codebook)")
     else:
         cfg = dict(TINY_VQ_CONFIG if args.tiny else VQ_CONFIG)
         if args.config:
