@@ -454,32 +454,46 @@ def test_data_parallel_ranks_stay_in_step():
         assert out.count("[lm] trained") == 1       # rank 0 alone reports
 
 
+def _tiny_run(d, tok, seed, codebook=None):
+    """A run directory's tokenizer/ and vq/ (a tiny 64-code VQ; `codebook` replaces its codes)."""
+    import json
+    for sub in ("tokenizer", "vq", "lm"):
+        os.makedirs(os.path.join(d, sub), exist_ok=True)
+    tok.save(os.path.join(d, "tokenizer", "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer", "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    torch.manual_seed(seed)
+    vq_cfg = dict(vqlib.TINY_VQ_CONFIG, codebook_size=64)
+    vq = vqlib.build_vq(vq_cfg, "cpu")
+    if codebook is not None:
+        with torch.no_grad():
+            vq.quantize.embedding.weight.copy_(codebook)
+    vqlib.save_vq(vq, vq_cfg, os.path.join(d, "vq", "vq.safetensors"))
+    return vq, vq_cfg
+
+
+def _script(name, *args):
+    """Runs training/NAME with ARGS in a subprocess; fails with its output's tail."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, os.path.join(here, name), *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
 def test_tied_head_trains_exports_and_warm_starts():
     """tie_word_embeddings (one matrix for the embedding and the head, what a larger codebook
     would need to fit 64 MiB): lm.py saves and reloads it, export.py writes it once (no lm_head
     tensor; transformers reloads it strictly and generates), and a warm start reads it back."""
     import json
-    import subprocess
     import tempfile
     import warm
     from safetensors import safe_open
-    here = os.path.dirname(os.path.abspath(__file__))
     tok = _tokenizer()
     sp = toklib.special_ids(tok)
     with tempfile.TemporaryDirectory() as d:
-        os.makedirs(os.path.join(d, "tokenizer"))
-        os.makedirs(os.path.join(d, "vq"))
-        tok.save(os.path.join(d, "tokenizer", "tokenizer.json"))
-        with open(os.path.join(d, "tokenizer", "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
-        torch.manual_seed(3)
-        vq_cfg = dict(vqlib.TINY_VQ_CONFIG, codebook_size=64)
-        vq = vqlib.build_vq(vq_cfg, "cpu")
-        vq.export_form = True
-        vqlib.save_vq(vq, vq_cfg, os.path.join(d, "vq", "vq.safetensors"))
+        vq, vq_cfg = _tiny_run(d, tok, 3)
         lm, config = lmlib.build_lm(dict(lmlib.TINY_LM_CONFIG, tie_word_embeddings=True), tok.get_vocab_size(), sp, "cpu")
         assert lm.lm_head.weight is lm.model.embed_tokens.weight
-        os.makedirs(os.path.join(d, "lm"))
         lmlib.save_lm(lm, config, os.path.join(d, "lm"))
         with safe_open(os.path.join(d, "lm", "lm.safetensors"), "pt") as f:
             assert "lm_head.weight" not in f.keys()
@@ -488,9 +502,7 @@ def test_tied_head_trains_exports_and_warm_starts():
         with torch.no_grad():
             assert torch.equal(back(ids).logits, lm(ids).logits)
         out = os.path.join(d, "root")
-        r = subprocess.run([sys.executable, os.path.join(here, "export.py"), "--run", d, "--out", out, "--device", "cpu"],
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        _script("export.py", "--run", d, "--out", out, "--device", "cpu")
         keys = set()
         for name in os.listdir(os.path.join(out, "weights")):
             if name.endswith(".safetensors"):
@@ -513,10 +525,8 @@ def test_grown_codebook_keeps_the_lm_and_appends_ids():
     every old id, each new code's LM rows are its parent's, the LM's outputs on the old ids are
     unchanged, and the result exports and reloads strictly in transformers."""
     import json
-    import subprocess
     import tempfile
     from tokenizers import Tokenizer
-    here = os.path.dirname(os.path.abspath(__file__))
     cb = F.normalize(torch.randn(64, 8, generator=torch.Generator().manual_seed(1)), dim=1)
     grown = vqlib.grow_codebook(cb, 160, seed=2)
     assert grown.shape == (160, 8) and torch.equal(grown[:64], cb)
@@ -526,37 +536,18 @@ def test_grown_codebook_keeps_the_lm_and_appends_ids():
     sp = toklib.special_ids(tok)
     with tempfile.TemporaryDirectory() as d:
         run = os.path.join(d, "run")
-        for sub in ("tokenizer", "vq", "lm"):
-            os.makedirs(os.path.join(run, sub))
-        tok.save(os.path.join(run, "tokenizer", "tokenizer.json"))
-        with open(os.path.join(run, "tokenizer", "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f)
-        torch.manual_seed(4)
-        vq_cfg = dict(vqlib.TINY_VQ_CONFIG, codebook_size=64)
-        vq = vqlib.build_vq(vq_cfg, "cpu")
-        with torch.no_grad():
-            vq.quantize.embedding.weight.copy_(cb)
-        vqlib.save_vq(vq, vq_cfg, os.path.join(run, "vq", "vq.safetensors"))
+        vq, vq_cfg = _tiny_run(run, tok, 4, codebook=cb)
         lm, config = lmlib.build_lm(lmlib.TINY_LM_CONFIG, tok.get_vocab_size(), sp, "cpu")
         lmlib.save_lm(lm, config, os.path.join(run, "lm"))
-
-        def export(src, dst):
-            r = subprocess.run([sys.executable, os.path.join(here, "export.py"), "--run", src, "--out", dst,
-                                "--device", "cpu"], capture_output=True, text=True, timeout=600)
-            assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-
         root = os.path.join(d, "root")
-        export(run, root)
+        _script("export.py", "--run", run, "--out", root, "--device", "cpu")
         big_cfg = dict(vq_cfg, codebook_size=160)
         big = vqlib.build_vq(big_cfg, "cpu")
         big.load_state_dict({k: (grown if k == "quantize.embedding.weight" else v)
                              for k, v in vq.state_dict().items()}, strict=True)
         vqlib.save_vq(big, big_cfg, os.path.join(d, "big.safetensors"))
         grun = os.path.join(d, "grown")
-        r = subprocess.run([sys.executable, os.path.join(here, "grow_codes.py"), "--root", root,
-                            "--vq", os.path.join(d, "big.safetensors"), "--run", grun],
-                           capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        _script("grow_codes.py", "--root", root, "--vq", os.path.join(d, "big.safetensors"), "--run", grun)
         gtok = Tokenizer.from_file(os.path.join(grun, "tokenizer", "tokenizer.json"))
         old_vocab = tok.get_vocab(with_added_tokens=True)
         new_vocab = gtok.get_vocab(with_added_tokens=True)
@@ -578,7 +569,7 @@ def test_grown_codebook_keeps_the_lm_and_appends_ids():
         with torch.no_grad():
             child = new_lm(torch.tensor([[sp["bos"], 5, 9, v0 + 64 + 3, v0 + 63, sp["eol"]]])).logits
         assert torch.allclose(child, new_logits, atol=1e-5)   # code 67 is a copy of code 3
-        export(grun, os.path.join(d, "root8"))
+        _script("export.py", "--run", grun, "--out", os.path.join(d, "root8"), "--device", "cpu")
 
 
 if __name__ == "__main__":
