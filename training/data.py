@@ -15,6 +15,11 @@ RUN/data/<split>/shard_NNN/{samples.jsonl, images.u8} plus RUN/data/<split>/DONE
     vq_count    extra 128x128 images of the `counting` category (many small shapes), for the VQ
                 only, as vq_text: none unless --n-vq-count asks
 
+`--focus counting=95000,text=95000` adds to t2i_16x16 that many extra samples drawn from those
+categories only (the LM sees them as ordinary t2i data; the default mix is uniform over the
+categories). Their shards come first, so the split's last shards, whose tail lm.py keeps for
+validation, stay of the uniform mix.
+
 Split names carry the token grid as HxW (rows x columns); the binary's --size is W x H pixels.
 Seeds: shard s of split i uses SEED_BASE + 1000*i + s; no seed here is the bench seed (see
 BENCH_SEED below, and the generator refuses bench captions anyway). Same arguments -> same data.
@@ -49,6 +54,8 @@ CATEGORIES = {"vq_text": "text", "vq_count": "counting"}  # splits drawn from so
 VQ_ONLY = ("vq_text", "vq_count")  # splits only the VQ trains on
 SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 PATCH = 8                  # VQ spatial factor: token grid = pixels / 8
+T2I_CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr", "text", "scene")
+FOCUS_SPLIT = "t2i_16x16"  # the split --focus adds to
 
 
 def grid_of(split):
@@ -72,8 +79,35 @@ def plan(split, count, shard_size=SHARD):
     return [(s, base + (1 if s < extra else 0)) for s in range(n)]
 
 
-def generate(run, world, procs, counts, shard_size=SHARD, log=print, seed_base=SEED_BASE):
-    """Run the generator for every split in `counts` ({split: n}); skips splits already DONE."""
+def parse_focus(text):
+    """`counting=95000,text=95000` -> [("counting", 95000), ("text", 95000)]."""
+    out = []
+    for part in filter(None, (text or "").split(",")):
+        cat, _, n = part.partition("=")
+        if cat not in T2I_CATEGORIES or not n.isdigit():
+            raise ValueError(f"--focus {part!r}: expected CATEGORY=COUNT, CATEGORY one of {', '.join(T2I_CATEGORIES)}")
+        out.append((cat, int(n)))
+    return out
+
+
+def split_plan(split, count, focus=(), shard_size=SHARD):
+    """[(shard index, count, categories or None)] of one split: for FOCUS_SPLIT the focus shards
+    first (one category each), then the split's own `count` over every category."""
+    shards, k = [], 0
+    for cat, n in (focus if split == FOCUS_SPLIT else ()):
+        for _, m in plan(split, n, shard_size):
+            shards.append((k, m, cat))
+            k += 1
+    for _, m in plan(split, count, shard_size):
+        shards.append((k, m, CATEGORIES.get(split)))
+        k += 1
+    assert k <= 1000, f"{split}: {k} shards would reuse the next split's seeds"
+    return shards
+
+
+def generate(run, world, procs, counts, shard_size=SHARD, log=print, seed_base=SEED_BASE, focus=()):
+    """Run the generator for every split in `counts` ({split: n}, plus `focus` for FOCUS_SPLIT);
+    skips splits already DONE."""
     jobs = []
     for split, count in counts.items():
         if count <= 0:
@@ -83,12 +117,12 @@ def generate(run, world, procs, counts, shard_size=SHARD, log=print, seed_base=S
             log(f"[data] {split}: already done")
             continue
         task, w, h, _ = SPLITS[split]
-        for shard, n in plan(split, count, shard_size):
+        for shard, n, cats in split_plan(split, count, focus, shard_size):
             out = os.path.join(root, f"shard_{shard:03d}")
             cmd = [world, "world", "sample", "--count", str(n), "--seed", str(shard_seed(split, shard, seed_base)),
                    "--size", f"{w}x{h}", "--task", task, "--out", out, "--format", "raw"]
-            if split in CATEGORIES:
-                cmd += ["--categories", CATEGORIES[split]]
+            if cats:
+                cmd += ["--categories", cats]
             jobs.append((split, out, n, cmd))
     # The binary is itself parallel (rayon): give each process its share of the cores.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -229,14 +263,20 @@ def main():
                     help="first seed of the training splits (another value: fresh samples; heldout keeps its seed)")
     for split in SPLITS:
         ap.add_argument(f"--n-{split.replace('_', '-')}", type=int, default=None, help=f"override {split} count")
+    ap.add_argument("--focus", default="", metavar="CAT=N,...",
+                    help=f"extra {FOCUS_SPLIT} samples of these t2i categories only (e.g. counting=95000,text=95000)")
     args = ap.parse_args()
+    try:
+        focus = parse_focus(args.focus)
+    except ValueError as e:
+        ap.error(str(e))
     counts = {}
     for split, (_, _, _, n) in SPLITS.items():
         override = getattr(args, f"n_{split}")
         counts[split] = override if override is not None else (n if split == "heldout" else int(n * args.scale))
-    print(f"[data] counts {counts}, procs {args.procs}", flush=True)
+    print(f"[data] counts {counts}, focus {focus}, procs {args.procs}", flush=True)
     generate(args.run, args.world, args.procs, counts, args.shard, log=lambda s: print(s, flush=True),
-             seed_base=args.seed_base)
+             seed_base=args.seed_base, focus=focus)
     for split in SPLITS:
         if counts[split] > 0:
             recs = load_meta(args.run, split)[:1]

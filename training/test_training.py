@@ -11,6 +11,7 @@
 - a training step (restarts, decoder-only phase) runs without reading anything back from the device;
 - merged t2i forwards give the per-bucket losses; host-side batch lengths == device-built ones;
 - warm start reads back exactly the weights an export wrote (VQ and LM);
+- data.py --focus adds single-category shards ahead of the uniform ones, on fresh seeds;
 - encode.py --gpus 2 writes the codes of one process; lm.py --gpus 2 (two gloo ranks) keeps the
   ranks' weights equal and learns;
 - a tied head (tie_word_embeddings) saves, exports (once, no lm_head tensor) and warm-starts;
@@ -387,6 +388,41 @@ def _fake_run(root, n_shards=3, per_shard=5, seed=0):
         open(os.path.join(root, "data", split, "DONE"), "w").close()
     os.makedirs(os.path.join(root, "tokenizer"))
     _tokenizer().save(os.path.join(root, "tokenizer", "tokenizer.json"))
+
+
+def test_focus_adds_category_shards_before_the_uniform_ones():
+    """data.py --focus: extra t2i_16x16 shards of one category each, ahead of the uniform shards
+    (whose tail lm.py keeps for validation), on seeds no other shard or split uses; the generator
+    (when built) draws only that category in them."""
+    import json
+    import tempfile
+    import data as datalib
+    focus = datalib.parse_focus("counting=25,text=12")
+    assert focus == [("counting", 25), ("text", 12)]
+    for bad in ("count=5", "text=", "text=x"):
+        try:
+            datalib.parse_focus(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} accepted")
+    shards = datalib.split_plan("t2i_16x16", 30, focus, shard_size=10)
+    assert [c for _, _, c in shards] == ["counting"] * 3 + ["text"] * 2 + [None] * 3
+    assert [k for k, _, _ in shards] == list(range(8)) and sum(n for _, n, _ in shards) == 67
+    assert datalib.split_plan("t2i_12x20", 30, focus, shard_size=10) == [(0, 10, None), (1, 10, None), (2, 10, None)]
+    seeds = {datalib.shard_seed("t2i_16x16", k, 9_000_000) for k, _, _ in shards}
+    others = {datalib.shard_seed(s, k, 9_000_000) for s in ("t2i_12x20", "edit_16x16") for k in range(3)}
+    assert len(seeds) == 8 and not seeds & others
+    world = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target", "release", "tessera")
+    if not os.path.exists(world):
+        print("  (no target/release/tessera: generator part skipped)")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        datalib.generate(d, world, 2, {"t2i_16x16": 6}, shard_size=4, log=lambda s: None, seed_base=9_000_000,
+                         focus=[("counting", 5), ("text", 3)])
+        cats = [r["category"] for r in datalib.load_meta(d, "t2i_16x16")]
+        assert cats[:8] == ["counting"] * 5 + ["text"] * 3, cats
+        assert len(cats) == 14 and datalib.check_split(d, "t2i_16x16") == 14
+        assert open(os.path.join(d, "data", "t2i_16x16", "DONE")).read() == "14\n"
 
 
 def test_parallel_encode_equals_one_process():
