@@ -413,15 +413,18 @@ class Clock:
     """The fraction of the time budget spent, as every rank must see it. One process: the wall
     clock at every step. Data parallel: rank 0's reading and its rate per step, shared at steps
     0, 1, 2, 4, 8 and then every CLOCK_EVERY steps, and extrapolated in between, so the ranks agree on every step's learning
-    rate and on the step that ends the run, with no host sync in the other steps."""
+    rate and on the step that ends the run, with no host sync in the other steps. With `steps`,
+    the budget is that many steps instead of seconds (the same on every rank and every machine)."""
 
-    def __init__(self, dist, seconds, every=CLOCK_EVERY):
-        self.dist, self.seconds, self.every = dist, seconds, every
+    def __init__(self, dist, seconds, every=CLOCK_EVERY, steps=None):
+        self.dist, self.seconds, self.every, self.steps = dist, seconds, every, steps
         self.t0 = time.time()
         self.base, self.rate, self.base_step = 0.0, 0.0, 0
         self.last = (self.t0, 0)
 
     def frac(self, step):
+        if self.steps:
+            return step / self.steps
         if self.dist.world == 1:
             return (time.time() - self.t0) / self.seconds
         if step % self.every == 0 or (step & (step - 1)) == 0:   # and at steps 1, 2, 4, 8: a first rate soon
@@ -455,6 +458,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=SECONDS)
     ap.add_argument("--deadline", type=float, default=None,
                     help="unix time by which training must stop (the budget is cut to fit; for stage scripts)")
+    ap.add_argument("--steps", type=int, default=0, metavar="N",
+                    help="train exactly N steps instead of --seconds (the LR schedule follows the steps; for tests)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke tests)")
     ap.add_argument("--config", default=None, help="JSON overrides of the LM config")
@@ -668,9 +673,9 @@ def main(argv=None):
     if init_sd is not None:
         log("[lm] start: val " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, val_loss(model, buckets, amp))))
     seconds = train_seconds(args)
-    clock = Clock(ddp, seconds)
+    clock = Clock(ddp, seconds, steps=args.steps)
     t0 = clock.t0
-    log(f"[lm] training for {seconds:.0f}s: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to {args.min_lr_frac:.0%}), "
+    log(f"[lm] training for {f'{args.steps} steps' if args.steps else f'{seconds:.0f}s'}: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to {args.min_lr_frac:.0%}), "
         f"{len(groups)} forwards per step{', compiled' if inner is not None else ''}"
         + (", warm start" if init_sd is not None else ""))
     last_eval, last_save, step = t0, t0, 0
@@ -747,7 +752,7 @@ def train_seconds(args):
 def train_rank(ddp, args, train_step, groups, params):
     """A data-parallel rank other than 0: the same steps at the same learning rates as rank 0
     (the shared Clock), no logging, evaluation or files."""
-    clock, step = Clock(ddp, train_seconds(args)), 0
+    clock, step = Clock(ddp, train_seconds(args), steps=args.steps), 0
     while True:
         frac = clock.frac(step)
         if frac >= 1.0:

@@ -474,7 +474,7 @@ def test_data_parallel_ranks_stay_in_step():
                     np.broadcast_to(first.reshape(-1, *[1] * (len(shape) - 1)) * 5, shape).astype(np.int16))
             json.dump([["red", "blue", "green", "yellow"][k] + " thing" for k in first], open(os.path.join(codes, f"{split}.texts.json"), "w"))
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        r = subprocess.run([sys.executable, os.path.join(here, "lm.py"), "--gpus", "2", "--run", d, "--tiny", "--device", "cpu", "--seconds", "12",
+        r = subprocess.run([sys.executable, os.path.join(here, "lm.py"), "--gpus", "2", "--run", d, "--tiny", "--device", "cpu", "--steps", "150",
                             "--no-amp", "--lr", "3e-3", "--eval-every", "1000", "--bucket-batch", "t2i_16x16=4",
                             "--bucket-batch", "t2i_12x20=1", "--bucket-batch", "t2i_20x12=1", "--bucket-batch", "edit_16x16=2",
                             "--ema", "0.9"],
