@@ -9,6 +9,8 @@
 - the tokenizer spells digits and capitals one per token and round-trips;
 - the fast training forward (fast_encode_latents / fast_decode_latents) == HF's, values and gradients;
 - a training step (restarts, decoder-only phase) runs without reading anything back from the device;
+- the adversarial term (vq.py --adv-weight): the patch discriminator learns to tell sharp shapes
+  from blurred ones, and its term moves the VQ but never the discriminator;
 - merged t2i forwards give the per-bucket losses; host-side batch lengths == device-built ones;
 - warm start reads back exactly the weights an export wrote (VQ and LM);
 - data.py --focus adds single-category shards ahead of the uniform ones, on fresh seeds;
@@ -200,7 +202,8 @@ def test_trainer_step_no_sync_and_decoder_only():
     tr.usage[:100] = 0.0                       # 100 dead codes
     before = vq.quantize.embedding.weight.detach().clone()
     terms = tr.step(x, 1e-3, restart=True)
-    assert terms.shape == (6,) and torch.isfinite(terms).all()
+    assert terms.shape == (len(vqlib.LOSS_TERMS),) and torch.isfinite(terms).all()
+    assert tr.disc is None and terms[6:].abs().sum() == 0       # no adversarial term unless asked
     cb = vq.quantize.embedding.weight.detach()
     moved = (cb - before).abs().amax(1) > 0.1               # restarted from latents (Adam moves codes ~1e-3)
     n = int(tr.restarted)
@@ -213,6 +216,69 @@ def test_trainer_step_no_sync_and_decoder_only():
     assert all(torch.equal(p, enc[n]) for n, p in vq.named_parameters() if n in enc)
     assert not torch.equal(dec, vq.decoder.conv_out.weight)
     assert int(tr.restarted) == n                            # no restarts once frozen
+
+
+def _shapes_u8(n, size=64, seed=0):
+    """n images (n,H,W,3) uint8 of 2-4 flat-coloured squares and triangles on a flat background."""
+    g = np.random.default_rng(seed)
+    imgs = np.zeros((n, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        imgs[i] = g.integers(0, 256, 3)
+        for _ in range(g.integers(2, 5)):
+            r, cy, cx = g.integers(5, 14), g.integers(12, size - 12), g.integers(12, size - 12)
+            m = (abs(yy - cy) < r) & (abs(xx - cx) < r)
+            if g.random() < 0.5:
+                m &= (yy - cy) > abs(xx - cx) - r
+            imgs[i][m] = g.integers(0, 256, 3)
+    return torch.from_numpy(imgs)
+
+
+def test_adversarial_term_learns_sharpness_and_moves_only_the_vq():
+    """--adv-weight: the discriminator's hinge loss falls from ~2 (cannot tell) as it learns that
+    blurred shapes are the fakes; the generator's step moves the VQ, and the discriminator only
+    in its own step."""
+    import argparse
+    torch.manual_seed(0)
+    real = vqlib.to_pixels(_shapes_u8(16))
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    k = (k[:, None] * k[None, :] / 256.0).expand(3, 1, 5, 5)
+    blurred = F.conv2d(F.pad(real, (2, 2, 2, 2), mode="replicate"), k, groups=3)
+    disc = vqlib.PatchDiscriminator(ch=16)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=vqlib.DISC_BETAS)
+    losses = []
+    for _ in range(100):
+        d = vqlib.hinge_d_loss(disc(real), disc(blurred))
+        opt.zero_grad()
+        d.backward()
+        opt.step()
+        losses.append(float(d.detach()))
+    assert 1.9 < losses[0] < 2.1 and max(losses[-5:]) < 0.3, (losses[0], losses[-5:])
+    with torch.no_grad():                       # it learnt sharpness, not these images: fresh ones
+        fresh = vqlib.to_pixels(_shapes_u8(16, seed=1))
+        fresh_blur = F.conv2d(F.pad(fresh, (2, 2, 2, 2), mode="replicate"), k, groups=3)
+        assert float(disc(fresh).mean()) > float(disc(fresh_blur).mean()) + 1.0
+
+    vq = _vq_with_data_codebook(5)
+    args = argparse.Namespace(hf_forward=False, lr=1e-3, edge_weight=0.0, adv_weight=0.5)
+    tr = vqlib.Trainer(vq, args, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False),
+                       torch.Generator().manual_seed(0), fresh_codebook=False)
+    vqlib.set_train(vq, True)
+    x = vqlib.to_pixels(_shapes_u8(4, seed=2))
+    d0 = {n: p.detach().clone() for n, p in tr.disc.named_parameters()}
+    terms = tr.step(x, 1e-3, adv=True)
+    assert terms.shape == (len(vqlib.LOSS_TERMS),) and torch.isfinite(terms).all()
+    assert terms[7] > 0 and terms[6] != 0                   # both terms were computed
+    assert any(not torch.equal(p, d0[n]) for n, p in tr.disc.named_parameters())   # the disc step ran
+    # The generator's adversarial gradient reaches the decoder and leaves no gradient on the disc.
+    tr.opt.zero_grad(set_to_none=True)
+    tr.disc.zero_grad(set_to_none=True)
+    tr.disc.requires_grad_(False)
+    y = tr.forward(x)[0]
+    (-tr.disc(y).mean()).backward()
+    tr.disc.requires_grad_(True)
+    assert vq.decoder.conv_out.weight.grad is not None and vq.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tr.disc.parameters())
 
 
 def test_merged_forward_equals_per_bucket():

@@ -16,7 +16,12 @@ latents. BatchNorm3d (temporal res blocks) is kept in eval mode during training:
 with running stats 0/1, so train and eval compute the same function and decode's latent/quant
 halves never share batch statistics.
 
-Losses: MSE + L1 + L1 on image gradients (edges, text strokes) + beta * commitment + codebook.
+Losses: MSE + L1 + L1 on image gradients (edges, text strokes) + beta * commitment + codebook,
+and with `--adv-weight W` an adversarial term: a small patch discriminator (`PatchDiscriminator`,
+receptive field 34 px, about a small shape or two letters) learns with the hinge loss to tell the
+originals from the reconstructions, and the generator adds W * -D(reconstruction) from the time
+fraction `--adv-start` on (the discriminator trains from the start, so it has learnt something
+first). Only the VQ is saved; the discriminator is thrown away.
 Writes RUN/vq/{vq.safetensors (fp16, config in metadata), vq_log.csv, recon.png, summary.json}.
 
 Warm start (`--init ROOT`): continues from the VQ shipped in ROOT/weights (or a run's vq.safetensors)
@@ -87,6 +92,9 @@ RESTART_UNTIL = 0.8        # no restarts in the last 20% of the time
 USAGE_DECAY = 0.98
 DEAD_FRAC = 0.03           # a code is dead if its usage is < 3% of the uniform rate
 EVAL_EVERY = 30.0          # seconds between held-out PSNR evaluations
+DISC_CHANNELS = 64         # patch discriminator: 64 -> 128 channels, then 256, then one logit
+DISC_BETAS = (0.5, 0.9)
+LOSS_TERMS = ["loss", "mse", "l1", "grad_l1", "commit", "codebook", "adv_g", "disc"]
 N_HELDOUT = 1000
 
 
@@ -379,6 +387,30 @@ def loss_fn(x, y, edge_weight=0.0):
     return mse, l1, gx + gy
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """pix2pix's PatchGAN with two strided layers: (B,3,H,W) in [-1,1] -> (B,1,H/4-2,W/4-2) logits,
+    each seeing a 34x34 patch. GroupNorm, not BatchNorm, so real and fake batches never share
+    statistics."""
+
+    def __init__(self, ch=DISC_CHANNELS):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(
+            nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.GroupNorm(16, 2 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * ch, 4 * ch, 4, 1, 1), nn.GroupNorm(16, 4 * ch), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * ch, 1, 4, 1, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    """The discriminator's hinge loss: 2 when it cannot tell, 0 when every logit is past its margin."""
+    return F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean()
+
+
 def grow_codebook(cb, k2, seed=0, noise=0.01):
     """A unit-norm codebook of k2 >= K codes: the K old ones, then noisy unit-norm copies (code K+i
     starts at code i % K). Each copy sits closer to its parent than to any other code, so the
@@ -601,6 +633,12 @@ class Trainer:
         self.frozen = False
         self.enc_fn, self.dec_fn = None, None
         self.opt = self.make_optimizer()
+        self.adv_weight = getattr(args, "adv_weight", 0.0)
+        self.disc, self.dopt = None, None
+        if self.adv_weight > 0:
+            self.disc = PatchDiscriminator().to(dev).to(memory_format=torch.channels_last)
+            self.dopt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=DISC_BETAS, weight_decay=0.0,
+                                          fused=dev.type == "cuda")
 
     def make_optimizer(self):
         params = [p for p in self.vq.parameters() if p.requires_grad]
@@ -622,8 +660,9 @@ class Trainer:
     def forward(self, x):
         return forward(self.vq, x, fast=self.fast, frozen_encoder=self.frozen)
 
-    def step(self, x, lr, restart=False, update=True):
-        """One step on the pixel batch x. Returns the 6 loss terms (device tensor)."""
+    def step(self, x, lr, restart=False, update=True, adv=False):
+        """One step on the pixel batch x (and, with a discriminator, one discriminator step; adv: the
+        generator also gets the adversarial term). Returns the loss terms, LOSS_TERMS (device tensor)."""
         a = self.args
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -633,6 +672,14 @@ class Trainer:
         loss = W_MSE * mse + W_L1 * l1 + W_GRAD * gl1
         if not self.frozen:
             loss = loss + BETA_COMMIT * commit + cb_loss
+        zero = torch.zeros((), device=x.device)
+        adv_g, d_loss = zero, zero
+        if self.disc is not None and adv:
+            self.disc.requires_grad_(False)      # the generator's term moves the VQ only
+            with self.amp():
+                adv_g = -self.disc(y).float().mean()
+            self.disc.requires_grad_(True)
+            loss = loss + self.adv_weight * adv_g
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if not update:
@@ -640,6 +687,8 @@ class Trainer:
             return None
         torch.nn.utils.clip_grad_norm_([p for p in self.vq.parameters() if p.grad is not None], GRAD_CLIP)
         self.opt.step()
+        if self.disc is not None:
+            d_loss = self.disc_step(x, y.detach(), lr)
         with torch.no_grad():
             zn = zn.detach()
             K, cb = self.K, self.codebook
@@ -663,7 +712,19 @@ class Trainer:
             if not self.frozen:
                 cb.data.copy_(F.normalize(cb.data, dim=1))
             return torch.stack([loss.detach(), mse.detach(), l1.detach(), gl1.detach(), commit.detach(),
-                                cb_loss.detach()])
+                                cb_loss.detach(), adv_g.detach(), d_loss.detach()])
+
+    def disc_step(self, real, fake, lr):
+        """One hinge-loss step of the discriminator on originals and (detached) reconstructions."""
+        for g in self.dopt.param_groups:
+            g["lr"] = lr
+        with self.amp():
+            d_loss = hinge_d_loss(self.disc(real), self.disc(fake))
+        self.dopt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), GRAD_CLIP)
+        self.dopt.step()
+        return d_loss.detach()
 
 
 def sync(dev):
@@ -783,6 +844,10 @@ def main():
                     help="train only the decoder from this time fraction on (0: decoder-only; 1: never)")
     ap.add_argument("--edge-weight", type=float, default=0.0,
                     help="extra L1 weight on pixels next to colour edges (0: off, the first run's loss)")
+    ap.add_argument("--adv-weight", type=float, default=0.0, metavar="W",
+                    help="adversarial term's weight (0: off; a patch discriminator trains beside the VQ)")
+    ap.add_argument("--adv-start", type=float, default=0.1, metavar="FRAC",
+                    help="time fraction from which the VQ gets the adversarial term (the discriminator trains from 0)")
     ap.add_argument("--hf-forward", action="store_true", help="transformers' forward instead of fast_forward")
     ap.add_argument("--memory-format", choices=["cl", "nchw", "auto"], default="cl",
                     help="conv layout: channels_last (cl, the first run's), NCHW, or auto (timed trial at the start)")
@@ -898,8 +963,7 @@ def main():
     csv_path = os.path.join(out_dir, "vq_log.csv")
     fcsv = open(csv_path, "w", newline="")
     wr = csv.writer(fcsv)
-    wr.writerow(["step", "seconds", "images", "lr", "loss", "mse", "l1", "grad_l1", "commit", "codebook",
-                 "restarted", "psnr", "usage", "perplexity"])
+    wr.writerow(["step", "seconds", "images", "lr"] + LOSS_TERMS + ["restarted", "psnr", "usage", "perplexity"])
 
     t0 = time.time()
     seconds = args.seconds
@@ -908,10 +972,11 @@ def main():
     log(f"[vq] training for {seconds:.0f}s: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to "
         f"{args.min_lr_frac:.0%}), batch {args.batch}, {'fast' if tr.fast else 'hf'} forward, layout {tr.fmt}, "
         f"edge weight {args.edge_weight:g}, decoder-only from {args.freeze_encoder_at:.0%}"
+        + (f", adversarial weight {args.adv_weight:g} from {args.adv_start:.0%}" if tr.disc is not None else "")
         + ("" if init_sd is None else ", warm start"))
     restart_until = min(RESTART_UNTIL, args.freeze_encoder_at)
     last_eval, step, images = t0, 0, 0
-    acc = torch.zeros(6, device=dev)
+    acc = torch.zeros(len(LOSS_TERMS), device=dev)
     acc_n = 0
     traced = args.trace_steps <= 0
     while True:
@@ -925,7 +990,8 @@ def main():
         if not traced and step >= 30:
             traced = True
             try:
-                run_profiler(lambda i: acc.add_(tr.step(tr.pixels(sample(step + i)), lr)), args.trace_steps, dev, log, "vq")
+                run_profiler(lambda i: acc.add_(tr.step(tr.pixels(sample(step + i)), lr, adv=frac >= args.adv_start)),
+                             args.trace_steps, dev, log, "vq")
                 step += args.trace_steps
                 images += args.trace_steps * args.batch
                 acc_n += args.trace_steps
@@ -933,7 +999,7 @@ def main():
                 log(f"[vq] profiler failed: {err!r}")
             continue
         restart = step % RESTART_EVERY == RESTART_EVERY - 1 and frac < restart_until
-        acc += tr.step(tr.pixels(sample(step)), lr, restart=restart)
+        acc += tr.step(tr.pixels(sample(step)), lr, restart=restart, adv=frac >= args.adv_start)
         acc_n += 1
         step += 1
         images += args.batch
@@ -953,6 +1019,7 @@ def main():
             fcsv.flush()
             log(f"[vq] step {step} {now-t0:.0f}s {images/(now-t0):.0f} img/s lr {lr:.2e} loss {a[0]:.4f} "
                 f"mse {a[1]:.5f} l1 {a[2]:.4f} commit {a[4]:.4f} restarts {restarted_total}"
+                + (f" adv {a[6]:.3f} disc {a[7]:.3f}" if tr.disc is not None else "")
                 + (f" | held-out psnr {row[-3]} usage {row[-2]} ppl {row[-1]}" if do_eval else ""))
     train_s = time.time() - t0
     restarted_total = int(tr.restarted.item())
@@ -960,7 +1027,8 @@ def main():
     finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcsv, log,
            dict(steps=step, images=images, seconds=train_s, restarted=restarted_total,
                 encode_gflop_128=enc_gf, decode_gflop_128=dec_gf, init=args.init, layout=tr.fmt,
-                fast_forward=tr.fast, edge_weight=args.edge_weight, freeze_encoder_at=args.freeze_encoder_at))
+                fast_forward=tr.fast, edge_weight=args.edge_weight, freeze_encoder_at=args.freeze_encoder_at,
+                adv_weight=args.adv_weight, adv_start=args.adv_start))
 
 
 def finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcsv, log, summary):
@@ -1002,8 +1070,8 @@ def finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcs
             f"bulk-encode (bf16) codes vs HF fp32 differ in {ck.get('bulk_encode_vs_hf_fp32', float('nan')):.4f} "
             f"(HF path under autocast: {ck.get('hf_autocast_vs_hf_fp32', float('nan')):.4f})")
         summary.update(heldout_ours_bf16=ev_amp, heldout_hf_fp32=ev, check=ck, check_ok=ok)
-        wr.writerow([summary["steps"], f"{summary['seconds']:.1f}", summary["images"], "final", "", "", "", "", "", "",
-                     summary["restarted"], f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
+        wr.writerow([summary["steps"], f"{summary['seconds']:.1f}", summary["images"], "final"] + [""] * len(LOSS_TERMS)
+                    + [summary["restarted"], f"{ev['psnr']:.2f}", f"{ev['usage']:.3f}", f"{ev['perplexity']:.0f}"])
         write_png(os.path.join(out_dir, "recon.png"), recon_grid(vq, held, amp))
     except Exception as err:  # noqa: BLE001  (keep going: the encode below matters more)
         log(f"[vq] final evaluation failed: {err!r}")
