@@ -268,7 +268,7 @@ def test_adversarial_term_learns_sharpness_and_moves_only_the_vq():
     d0 = {n: p.detach().clone() for n, p in tr.disc.named_parameters()}
     terms = tr.step(x, 1e-3, adv=True)
     assert terms.shape == (len(vqlib.LOSS_TERMS),) and torch.isfinite(terms).all()
-    assert terms[7] > 0 and terms[6] != 0                   # both terms were computed
+    assert terms[7] > 0 and terms[6] != 0 and terms[8] > 0  # both terms and the adaptive weight were computed
     assert any(not torch.equal(p, d0[n]) for n, p in tr.disc.named_parameters())   # the disc step ran
     # The generator's adversarial gradient reaches the decoder and leaves no gradient on the disc.
     tr.opt.zero_grad(set_to_none=True)
@@ -279,6 +279,15 @@ def test_adversarial_term_learns_sharpness_and_moves_only_the_vq():
     tr.disc.requires_grad_(True)
     assert vq.decoder.conv_out.weight.grad is not None and vq.decoder.conv_out.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in tr.disc.parameters())
+    # The adaptive weight: adv_weight times the ratio of the two gradient norms at that layer.
+    tr.opt.zero_grad(set_to_none=True)
+    y = tr.forward(x)[0]
+    mse, l1, gl1 = vqlib.loss_fn(x, y)
+    rec = vqlib.W_MSE * mse + vqlib.W_L1 * l1 + vqlib.W_GRAD * gl1
+    adv_g = -tr.disc(y).mean()
+    last = vq.decoder.conv_out.weight
+    ratio = torch.autograd.grad(rec, last, retain_graph=True)[0].norm() / torch.autograd.grad(adv_g, last, retain_graph=True)[0].norm()
+    assert torch.allclose(tr.adaptive_weight(rec, adv_g), 0.5 * ratio, rtol=1e-3)
 
 
 def test_merged_forward_equals_per_bucket():

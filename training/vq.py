@@ -19,9 +19,12 @@ halves never share batch statistics.
 Losses: MSE + L1 + L1 on image gradients (edges, text strokes) + beta * commitment + codebook,
 and with `--adv-weight W` an adversarial term: a small patch discriminator (`PatchDiscriminator`,
 receptive field 34 px, about a small shape or two letters) learns with the hinge loss to tell the
-originals from the reconstructions, and the generator adds W * -D(reconstruction) from the time
-fraction `--adv-start` on (the discriminator trains from the start, so it has learnt something
-first). Only the VQ is saved; the discriminator is thrown away.
+originals from the reconstructions, and the generator adds lambda * -D(reconstruction) from the
+time fraction `--adv-start` on (the discriminator trains from the start, so it has learnt
+something first). lambda is taming-transformers' adaptive weight: W times the ratio of the
+reconstruction loss's gradient norm to the adversarial term's at the decoder's last layer, so W
+says how strong the adversarial push is against the reconstruction's, whatever their scales.
+Only the VQ is saved; the discriminator is thrown away.
 Writes RUN/vq/{vq.safetensors (fp16, config in metadata), vq_log.csv, recon.png, summary.json}.
 
 Warm start (`--init ROOT`): continues from the VQ shipped in ROOT/weights (or a run's vq.safetensors)
@@ -94,7 +97,8 @@ DEAD_FRAC = 0.03           # a code is dead if its usage is < 3% of the uniform 
 EVAL_EVERY = 30.0          # seconds between held-out PSNR evaluations
 DISC_CHANNELS = 64         # patch discriminator: 64 -> 128 channels, then 256, then one logit
 DISC_BETAS = (0.5, 0.9)
-LOSS_TERMS = ["loss", "mse", "l1", "grad_l1", "commit", "codebook", "adv_g", "disc"]
+LOSS_TERMS = ["loss", "mse", "l1", "grad_l1", "commit", "codebook", "adv_g", "disc", "adv_lambda"]
+ADV_LAMBDA_MAX = 1e4
 N_HELDOUT = 1000
 
 
@@ -669,17 +673,19 @@ class Trainer:
         with self.amp():
             y, zn, codes, commit, cb_loss = self.forward(x)
         mse, l1, gl1 = loss_fn(x, y, a.edge_weight)
-        loss = W_MSE * mse + W_L1 * l1 + W_GRAD * gl1
+        rec = W_MSE * mse + W_L1 * l1 + W_GRAD * gl1
+        loss = rec
         if not self.frozen:
             loss = loss + BETA_COMMIT * commit + cb_loss
         zero = torch.zeros((), device=x.device)
-        adv_g, d_loss = zero, zero
+        adv_g, d_loss, lam = zero, zero, zero
         if self.disc is not None and adv:
             self.disc.requires_grad_(False)      # the generator's term moves the VQ only
             with self.amp():
                 adv_g = -self.disc(y).float().mean()
             self.disc.requires_grad_(True)
-            loss = loss + self.adv_weight * adv_g
+            lam = self.adaptive_weight(rec, adv_g)
+            loss = loss + lam * adv_g
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if not update:
@@ -712,7 +718,16 @@ class Trainer:
             if not self.frozen:
                 cb.data.copy_(F.normalize(cb.data, dim=1))
             return torch.stack([loss.detach(), mse.detach(), l1.detach(), gl1.detach(), commit.detach(),
-                                cb_loss.detach(), adv_g.detach(), d_loss.detach()])
+                                cb_loss.detach(), adv_g.detach(), d_loss.detach(), lam])
+
+    def adaptive_weight(self, rec, adv_g):
+        """adv_weight * |d rec / d w| / |d adv_g / d w| at the decoder's last conv (taming-transformers'
+        VQGAN), detached and clamped; computed on the device, nothing read back."""
+        last = self.vq.decoder.conv_out.weight
+        g_rec = torch.autograd.grad(rec, last, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adv_g, last, retain_graph=True)[0]
+        lam = g_rec.float().norm() / (g_adv.float().norm() + 1e-4)
+        return (self.adv_weight * lam.clamp(0.0, ADV_LAMBDA_MAX)).detach()
 
     def disc_step(self, real, fake, lr):
         """One hinge-loss step of the discriminator on originals and (detached) reconstructions."""
@@ -845,7 +860,8 @@ def main():
     ap.add_argument("--edge-weight", type=float, default=0.0,
                     help="extra L1 weight on pixels next to colour edges (0: off, the first run's loss)")
     ap.add_argument("--adv-weight", type=float, default=0.0, metavar="W",
-                    help="adversarial term's weight (0: off; a patch discriminator trains beside the VQ)")
+                    help="adversarial term's weight against the reconstruction's gradient at the decoder's last layer "
+                         "(0: off; a patch discriminator trains beside the VQ; taming-transformers used 0.8)")
     ap.add_argument("--adv-start", type=float, default=0.1, metavar="FRAC",
                     help="time fraction from which the VQ gets the adversarial term (the discriminator trains from 0)")
     ap.add_argument("--hf-forward", action="store_true", help="transformers' forward instead of fast_forward")
@@ -1019,7 +1035,7 @@ def main():
             fcsv.flush()
             log(f"[vq] step {step} {now-t0:.0f}s {images/(now-t0):.0f} img/s lr {lr:.2e} loss {a[0]:.4f} "
                 f"mse {a[1]:.5f} l1 {a[2]:.4f} commit {a[4]:.4f} restarts {restarted_total}"
-                + (f" adv {a[6]:.3f} disc {a[7]:.3f}" if tr.disc is not None else "")
+                + (f" adv {a[6]:.3f} (weight {a[8]:.3g}) disc {a[7]:.3f}" if tr.disc is not None else "")
                 + (f" | held-out psnr {row[-3]} usage {row[-2]} ppl {row[-1]}" if do_eval else ""))
     train_s = time.time() - t0
     restarted_total = int(tr.restarted.item())
