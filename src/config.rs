@@ -268,6 +268,10 @@ pub struct TesseraMeta {
     /// Recommended guidance scale (`guidance_scale` in the file).
     #[serde(default, alias = "guidance_scale")]
     pub cfg: Option<f64>,
+    /// Recommended guidance scale for instruction edits (`edit_guidance_scale` in the file),
+    /// whose unconditional prompt still holds the source image; absent: `cfg`.
+    #[serde(default, alias = "edit_guidance_scale")]
+    pub edit_cfg: Option<f64>,
     #[serde(default)]
     pub top_k: Option<usize>,
     #[serde(default)]
@@ -302,6 +306,14 @@ mod tests {
         assert_eq!(cfg.vq_config.temporal_layers(), 2);
         cfg.text_config.validate().unwrap();
         cfg.vq_config.validate().unwrap();
+    }
+
+    #[test]
+    fn edit_guidance_is_read_and_optional() {
+        let meta: TesseraMeta = serde_json::from_str(r#"{"guidance_scale": 3.0, "edit_guidance_scale": 1.5}"#).unwrap();
+        assert_eq!((meta.cfg, meta.edit_cfg), (Some(3.0), Some(1.5)));
+        let meta: TesseraMeta = serde_json::from_str(r#"{"guidance_scale": 3.0}"#).unwrap();
+        assert_eq!((meta.cfg, meta.edit_cfg), (Some(3.0), None));
     }
 
     #[test]

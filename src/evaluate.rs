@@ -21,8 +21,17 @@ pub fn sample_seed(seed: u64, id: &str) -> u64 {
     u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) >> 11
 }
 
+/// The sampling settings of a run: one for text-to-image samples, one for instruction edits
+/// (`Model::recommended_edit_params`: an edit's guidance pushes away from copying its source,
+/// so a model can recommend another scale for it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskParams {
+    pub t2i: SamplingParams,
+    pub edit: SamplingParams,
+}
+
 /// The decode-loop job for one sample.
-pub fn sample_job(model: &Model, sample: &Sample, params: SamplingParams, seed: u64) -> Result<ImageJob> {
+pub fn sample_job(model: &Model, sample: &Sample, params: TaskParams, seed: u64) -> Result<ImageJob> {
     let seed = sample_seed(seed, &sample.id);
     match sample.task {
         Task::T2i => model.t2i_job(&T2iRequest {
@@ -30,7 +39,7 @@ pub fn sample_job(model: &Model, sample: &Sample, params: SamplingParams, seed: 
             negative: None,
             width: sample.width,
             height: sample.height,
-            params,
+            params: params.t2i,
             seed,
         }),
         Task::Edit => {
@@ -44,7 +53,7 @@ pub fn sample_job(model: &Model, sample: &Sample, params: SamplingParams, seed: 
                 negative: None,
                 source,
                 mode: EditMode::Instruction,
-                params,
+                params: params.edit,
                 seed,
             })
         }
@@ -56,7 +65,7 @@ pub fn sample_job(model: &Model, sample: &Sample, params: SamplingParams, seed: 
 pub fn generate_for(
     model: &Model,
     samples: &[Sample],
-    params: SamplingParams,
+    params: TaskParams,
     seed: u64,
     batch: usize,
     on_image: &mut dyn FnMut(usize, &RgbImage),

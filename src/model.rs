@@ -245,6 +245,14 @@ impl Model {
         }
     }
 
+    /// The settings for instruction edits: `recommended_params` with the block's
+    /// `edit_guidance_scale` as the guidance, where the model gives one.
+    pub fn recommended_edit_params(&self) -> crate::sampler::SamplingParams {
+        let base = self.recommended_params();
+        let edit_cfg = self.config.tessera.as_ref().and_then(|m| m.edit_cfg);
+        crate::sampler::SamplingParams { cfg: edit_cfg.unwrap_or(base.cfg), ..base }
+    }
+
     /// The token grids the model was trained on (Tessera's metadata), if it says.
     pub fn trained_grids(&self) -> Vec<(usize, usize)> {
         self.config.tessera.as_ref().map(|t| t.grids.iter().map(|g| (g[0], g[1])).collect()).unwrap_or_default()

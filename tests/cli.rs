@@ -374,4 +374,20 @@ fn instruction_edit_on_the_shipped_model() {
     let record = tessera::metadata::ImageRecord::read_png(&out).unwrap();
     assert_eq!((record.task.as_str(), record.width, record.height), ("edit", 128, 128));
     assert_eq!(record.prompt, line["instruction"].as_str().unwrap());
+    // An instruction edit samples with the model's own guidance for edits, not the t2i one;
+    // a --cfg flag overrides both.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tessera::model::shipped_model_dir().join("weights/config.json")).unwrap())
+            .unwrap();
+    let (t2i_cfg, edit_cfg) =
+        (config["tessera"]["guidance_scale"].as_f64().unwrap(), config["tessera"]["edit_guidance_scale"].as_f64().unwrap());
+    assert_ne!(t2i_cfg, edit_cfg);
+    assert_eq!(record.params.cfg, edit_cfg);
+    let flagged = dir.path().join("flagged.png");
+    tessera()
+        .args(["edit", source.to_str().unwrap(), line["instruction"].as_str().unwrap(), "--seed", "3", "--cfg", "2.5", "-q"])
+        .args(["-o", flagged.to_str().unwrap()])
+        .assert()
+        .success();
+    assert_eq!(tessera::metadata::ImageRecord::read_png(&flagged).unwrap().params.cfg, 2.5);
 }

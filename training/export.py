@@ -35,6 +35,7 @@ GRIDS = [[16, 16], [12, 20], [20, 12]]   # [rows H, cols W] of the token grid
 MAX_SHARD = "14MB"                        # 14e6 bytes < 15 MiB
 SHIP_LIMIT = 64 * 2 ** 20
 GUIDANCE = 3.0
+EDIT_GUIDANCE = 1.5      # instruction edits: their unconditional prompt keeps the source (BENCHMARKS.md)
 TOP_K = 64
 TEMPERATURE = 1.0
 PROMPT = "a red circle"
@@ -55,6 +56,7 @@ def tessera_doc(sp_names):
         "unconditional_edit": "the edit prompt with the empty instruction",
         "prefix_constraint": "offsets counted from the LAST <|image token|> of the prompt (edit prompts hold two)",
         "guidance_scale": GUIDANCE,
+        "edit_guidance_scale": EDIT_GUIDANCE,
         "top_k": TOP_K,
         "temperature": TEMPERATURE,
         "codebook": "unit-norm codes: euclidean argmin on the quant_conv output == cosine nearest code",

@@ -306,6 +306,7 @@ fn expand(
     };
     sampling.check()?;
     let params = sampling.resolve(model, None);
+    let edit_params = sampling.resolve_edit(model);
     let n = line.n.unwrap_or(1);
     if n == 0 || n > 256 {
         bail!("\"n\": {n} must be between 1 and 256");
@@ -357,6 +358,9 @@ fn expand(
                     (None, Some(k)) => EditMode::KeepRows(k),
                     (None, None) => EditMode::Instruction,
                 };
+                if matches!(mode, EditMode::Instruction) {
+                    record.params = edit_params;
+                }
                 record.task = "edit".into();
                 (record.width, record.height) = (w, h);
                 ItemKind::Edit(EditRequest {
@@ -364,7 +368,7 @@ fn expand(
                     negative: sampling.negative.clone(),
                     source: image_io::resize(img, w, h),
                     mode,
-                    params,
+                    params: record.params,
                     seed,
                 })
             }

@@ -83,7 +83,10 @@ pub fn run(args: EditArgs) -> anyhow::Result<ExitCode> {
         && !cells.iter().any(|&c| c) {
             bail!("mask {} has no white region: nothing to regenerate", args.mask.as_ref().unwrap().display());
         }
-    let params = args.sampling.resolve(&model, None);
+    let params = match &mode {
+        EditMode::Instruction => args.sampling.resolve_edit(&model),
+        _ => args.sampling.resolve(&model, None),
+    };
     let seed = args.sampling.seed.unwrap_or_else(random_seed);
     let n = args.count as usize;
     let requests: Vec<EditRequest> = (0..n)

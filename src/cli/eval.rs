@@ -242,7 +242,10 @@ fn make_images(args: &EvalArgs, samples: &[(usize, Sample)]) -> anyhow::Result<V
         }
         return Ok(out.into_iter().map(|(img, _)| img).collect());
     }
-    let params = args.sampling.resolve(&model, None);
+    let params = tessera::evaluate::TaskParams {
+        t2i: args.sampling.resolve(&model, None),
+        edit: args.sampling.resolve_edit(&model),
+    };
     let seed = args.sampling.seed.unwrap_or(0);
     let progress = show_progress(args.quiet);
     let total = plain.len();
@@ -265,11 +268,12 @@ fn make_images(args: &EvalArgs, samples: &[(usize, Sample)]) -> anyhow::Result<V
     }
     if !args.quiet {
         eprintln!(
-            "generated {total} images in {:.1} s (seed {seed}, cfg {}, temperature {}, top-k {})",
+            "generated {total} images in {:.1} s (seed {seed}, cfg {} (edits {}), temperature {}, top-k {})",
             t0.elapsed().as_secs_f64(),
-            params.cfg,
-            params.temperature,
-            params.top_k
+            params.t2i.cfg,
+            params.edit.cfg,
+            params.t2i.temperature,
+            params.t2i.top_k
         );
     }
     Ok(images)

@@ -53,7 +53,7 @@ pub struct SamplingArgs {
     pub seed: Option<u64>,
 
     /// Classifier-free guidance scale; 1 turns guidance off [default: the model's
-    /// recommendation, else 3].
+    /// recommendation (its own one for instruction edits), else 3].
     #[arg(long)]
     pub cfg: Option<f64>,
 
@@ -104,7 +104,15 @@ pub fn parse_size(s: &str) -> Result<(u32, u32), String> {
 impl SamplingArgs {
     /// Flags over the recorded settings over the model's recommendation over the defaults.
     pub fn resolve(&self, model: &Model, recorded: Option<&SamplingParams>) -> SamplingParams {
-        let base = recorded.copied().unwrap_or_else(|| model.recommended_params());
+        self.over(recorded.copied().unwrap_or_else(|| model.recommended_params()))
+    }
+
+    /// The same for an instruction edit: flags over the model's recommendation for edits.
+    pub fn resolve_edit(&self, model: &Model) -> SamplingParams {
+        self.over(model.recommended_edit_params())
+    }
+
+    fn over(&self, base: SamplingParams) -> SamplingParams {
         SamplingParams {
             cfg: self.cfg.unwrap_or(base.cfg),
             temperature: self.temperature.unwrap_or(base.temperature),
