@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tokenizer as toklib  # noqa: E402  (training/tokenizer.py)
+from ddp import Clock, Dist, launch  # noqa: E402  (training/ddp.py)
 
 # ----------------------------------------------------------------------------- defaults
 LM_CONFIG = dict(
@@ -102,7 +103,6 @@ VAL_FRAC = 0.01            # last 1% of each bucket: validation loss only
 EVAL_EVERY = 60.0          # seconds
 VAL_N = 256                # validation sequences per bucket, the same ones at every evaluation
 VAL_SEED = 12345           # their draw (index sampling only, not a world seed)
-CLOCK_EVERY = 16           # data parallel: steps between two readings of rank 0's clock
 
 # Sequence layouts, documented in config.json by export.py.
 T2I_LAYOUT = "<|extra_203|>{caption}<|image start|>{H}*{W}<|image token|>{row_0}<|extra_200|>...{row_H-1}<|extra_200|><|extra_201|><|image end|><|extra_204|>"
@@ -343,115 +343,6 @@ def synthetic_codes(tok, sp, n=4000, seed=0):
     return out
 
 
-class Dist:
-    """The process group of a torchrun launch (WORLD_SIZE > 1), or a single process (rank 0 of 1).
-    NCCL between GPUs (cuda:LOCAL_RANK), gloo on the CPU."""
-
-    def __init__(self, device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = torch.device(device)
-        if self.world <= 1:
-            self.world, self.rank = 1, 0
-            return
-        import torch.distributed as dist
-        self.dist = dist
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
-            torch.cuda.set_device(self.device)
-        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self._flat = None
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def average_grads(self, params):
-        """Every parameter's gradient replaced by its mean over the ranks: one all-reduce of one
-        flat buffer (allocated once)."""
-        if self.world == 1:
-            return
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        if self._flat is None:
-            self._flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
-            self._views = [v.view_as(g) for v, g in zip(self._flat.split([g.numel() for g in grads]), grads)]
-        torch._foreach_copy_(self._views, grads)
-        self.dist.all_reduce(self._flat)
-        self._flat.div_(self.world)
-        torch._foreach_copy_(grads, self._views)
-
-    def share(self, values):
-        """Rank 0's floats, on every rank (a host sync: call it rarely)."""
-        if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        self.dist.broadcast(t, 0)
-        return t.tolist()
-
-    def same_params(self, params):
-        """The largest difference between this rank's parameters and rank 0's (0.0: in step)."""
-        if self.world == 1:
-            return 0.0
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-        ref = flat.clone()
-        self.dist.broadcast(ref, 0)
-        diff = (flat - ref).abs().max().reshape(1)
-        self.dist.all_reduce(diff, op=self.dist.ReduceOp.MAX)
-        return diff.item()
-
-    def close(self):
-        if self.world > 1:
-            self.dist.barrier()
-            self.dist.destroy_process_group()
-
-
-class Clock:
-    """The fraction of the time budget spent, as every rank must see it. One process: the wall
-    clock at every step. Data parallel: rank 0's reading and its rate per step, shared at steps
-    0, 1, 2, 4, 8 and then every CLOCK_EVERY steps, and extrapolated in between, so the ranks agree on every step's learning
-    rate and on the step that ends the run, with no host sync in the other steps. With `steps`,
-    the budget is that many steps instead of seconds (the same on every rank and every machine)."""
-
-    def __init__(self, dist, seconds, every=CLOCK_EVERY, steps=None):
-        self.dist, self.seconds, self.every, self.steps = dist, seconds, every, steps
-        self.t0 = time.time()
-        self.base, self.rate, self.base_step = 0.0, 0.0, 0
-        self.last = (self.t0, 0)
-
-    def frac(self, step):
-        if self.steps:
-            return step / self.steps
-        if self.dist.world == 1:
-            return (time.time() - self.t0) / self.seconds
-        if step % self.every == 0 or (step & (step - 1)) == 0:   # and at steps 1, 2, 4, 8: a first rate soon
-            now = time.time()
-            rate = (now - self.last[0]) / max(1, step - self.last[1]) / self.seconds
-            self.last = (now, step)
-            self.base, self.rate = self.dist.share([(now - self.t0) / self.seconds, rate])
-            self.base_step = step
-        return self.base + (step - self.base_step) * self.rate
-
-
-def launch(n, argv):
-    """--gpus N: N ranks of this script on this host (torch.multiprocessing), each running main."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_entry, args=(n, port, argv), nprocs=n, join=True)
-
-
-def _rank_entry(rank, n, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    main(argv)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
@@ -493,7 +384,7 @@ def main(argv=None):
                          "sequences per step, gradients averaged")
     args = ap.parse_args(argv)
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-        launch(args.gpus, sys.argv[1:] if argv is None else argv)
+        launch(main, args.gpus, sys.argv[1:] if argv is None else argv)
         return
 
     torch.manual_seed(args.seed)

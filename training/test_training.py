@@ -15,7 +15,8 @@
 - warm start reads back exactly the weights an export wrote (VQ and LM);
 - data.py --focus adds single-category shards ahead of the uniform ones, on fresh seeds;
 - encode.py --gpus 2 writes the codes of one process; lm.py --gpus 2 (two gloo ranks) keeps the
-  ranks' weights equal and learns;
+  ranks' weights equal and learns; vq.py --gpus 2 averages to the one-process gradient, keeps one
+  codebook through restarts, and stops its ranks together;
 - a tied head (tie_word_embeddings) saves, exports (once, no lm_head tensor) and warm-starts;
 - a grown codebook (vq.py --grow-codebook) and grow_codes.py keep the LM's function and its ids.
 """
@@ -563,6 +564,103 @@ def test_data_parallel_ranks_stay_in_step():
         losses = [float(row[4]) for row in rows if row[3] != "final" and row[4]]
         assert len(losses) >= 3 and losses[-1] < 0.7 * losses[0], losses
         assert out.count("[lm] trained") == 1       # rank 0 alone reports
+
+
+def _vq_rank(rank, world, port, d, restart):
+    """One rank (world > 1) or the single process (world == 1) of test_vq_data_parallel_*: a
+    step of the tiny VQ on its share of one fixed batch of 4 images; saves grads, codebook, usage."""
+    import argparse
+    from ddp import Dist
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ddp = Dist("cpu")
+    vq = _vq_with_data_codebook(4)
+    # edge_weight 0: the edge-weighted L1 is normalised by its batch's weights, so with it each
+    # rank's loss is its own half's weighted mean, not a share of the whole batch's.
+    args = argparse.Namespace(hf_forward=False, lr=1e-3, edge_weight=0.0)
+    amp = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731  (fp32: comparable sums)
+    tr = vqlib.Trainer(vq, args, torch.device("cpu"), amp, torch.Generator().manual_seed(rank),
+                       fresh_codebook=False, ddp=ddp)
+    vqlib.set_train(vq, True)
+    x = vqlib.to_pixels(_shapes_u8(4, seed=3)).contiguous()
+    n = 4 // world
+    if restart:
+        tr.usage[:100] = 0.0
+    tr.step(x[rank * n:(rank + 1) * n], 1e-3, restart=restart)
+    torch.save({"grads": {k: p.grad.clone() for k, p in vq.named_parameters() if p.grad is not None},
+                "codebook": vq.quantize.embedding.weight.detach().clone(), "usage": tr.usage.clone(),
+                "restarted": int(tr.restarted)}, os.path.join(d, f"{world}-{rank}.pt"))
+    ddp.close()
+
+
+def _vq_ranks(d, restart):
+    """Runs _vq_rank as one process and as two gloo ranks; returns the three saved states."""
+    import socket
+    import torch.multiprocessing as mp
+    _vq_rank(0, 1, 0, d, restart)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    mp.spawn(_vq_rank, args=(2, port, d, restart), nprocs=2, join=True)
+    return [torch.load(os.path.join(d, f), weights_only=True) for f in ("1-0.pt", "2-0.pt", "2-1.pt")]
+
+
+def test_vq_data_parallel_step_equals_one_process():
+    """vq.py --gpus 2: two ranks, each with half of a batch, apply the gradient one process
+    computes on the whole batch (the losses are batch means), and keep the same code usage."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        one, r0, r1 = _vq_ranks(d, restart=False)
+        assert one["grads"].keys() == r0["grads"].keys() == r1["grads"].keys()
+        for k, g in one["grads"].items():
+            assert torch.equal(r0["grads"][k], r1["grads"][k]), k
+            if g.norm() > 1e-6:                 # (the biases in front of a norm get ~0)
+                rel = ((r0["grads"][k] - g).norm() / g.norm()).item()
+                assert rel < 1e-4, (k, rel)
+        assert torch.allclose(r0["usage"], one["usage"], atol=1e-7) and torch.equal(r0["usage"], r1["usage"])
+        assert torch.equal(r0["codebook"], r1["codebook"])
+
+
+def test_vq_data_parallel_restarts_keep_one_codebook():
+    """Dead-code restarts draw from each rank's own latents; rank 0's are broadcast, so the two
+    ranks end the step with the same codebook, usage and restart count."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        _, r0, r1 = _vq_ranks(d, restart=True)
+        assert 0 < r0["restarted"] == r1["restarted"] <= 100
+        assert torch.equal(r0["codebook"], r1["codebook"]) and torch.equal(r0["usage"], r1["usage"])
+
+
+def test_vq_gpus_2_trains_in_step_and_writes_once():
+    """vq.py --gpus 2 end to end on the CPU (two gloo ranks): the ranks stop at the same step with
+    equal weights, rank 0 alone logs and writes the VQ and its log."""
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as d:
+        _fake_run(d, n_shards=2, per_shard=8)
+        h = os.path.join(d, "data", "heldout", "shard_000")
+        os.makedirs(h)
+        np.random.default_rng(5).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8).tofile(os.path.join(h, "images.u8"))
+        with open(os.path.join(h, "samples.jsonl"), "w") as f:
+            f.writelines('{"task": "t2i", "caption": "a red circle"}\n' for _ in range(8))
+        open(os.path.join(d, "data", "heldout", "DONE"), "w").close()
+        os.remove(os.path.join(d, "tokenizer", "tokenizer.json"))     # not a VQ run's tokenizer
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, os.path.join(here, "vq.py"), "--gpus", "2", "--run", d, "--tiny",
+                            "--device", "cpu", "--seconds", "6", "--batch", "2", "--no-amp", "--eval-every", "1000",
+                            "--freeze-encoder-at", "0.5"],
+                           capture_output=True, text=True, timeout=600, env=env)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-3000:]
+        assert "data parallel: 2 ranks" in out, out[-3000:]
+        assert "largest weight difference from rank 0 0\n" in out, out[-3000:]
+        assert out.count("[vq] trained") == 1 and out.count("decoder-only from here") == 1, out[-3000:]
+        assert os.path.exists(os.path.join(d, "vq", "vq.safetensors"))
+        rows = open(os.path.join(d, "vq", "vq_log.csv")).read().splitlines()
+        assert rows[0].startswith("step,") and rows[-1].split(",")[3] == "final", rows[-3:]
 
 
 def _tiny_run(d, tok, seed, codebook=None):

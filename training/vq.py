@@ -34,6 +34,12 @@ of the old ones (code K+i starts at code i % K), so the model starts as it was a
 separates each pair (`grow_codebook`). `--freeze-encoder-at F` trains only the decoder (encoder, quant_conv and codebook fixed, so the
 codes stop moving) from the time fraction F on; F = 0 is a decoder-only session.
 
+Data parallel (`--gpus N`, training/ddp.py, as `lm.py --gpus N`): every rank draws its own
+images, the VQ's (and the discriminator's) gradients are averaged, so a step sees N times
+`--batch` images. Code usage is averaged over the ranks, and dead codes restart from rank 0's
+latents (broadcast), so the codebooks stay equal; the clock is rank 0's, so the ranks freeze the
+encoder and stop at the same step. Rank 0 alone logs, evaluates and writes.
+
 Speed (see README "Throughput"): the training step runs `fast_forward`, the same modules in the
 same order as HF but with F.silu instead of x*sigmoid(x) in place (no clone for autograd), GroupNorm
 in the autocast dtype (HF's path upcasts every norm to fp32), and SpatialNorm's two 1x1 convs on the
@@ -60,6 +66,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402  (training/data.py)
+from ddp import Clock, Dist, launch  # noqa: E402  (training/ddp.py)
 
 # ----------------------------------------------------------------------------- defaults
 VQ_CONFIG = dict(
@@ -625,8 +632,9 @@ def set_memory_format(vq, fmt):
 class Trainer:
     """One optimizer step at a time; everything stays on the device (no host sync)."""
 
-    def __init__(self, vq, args, dev, amp, gen, fresh_codebook):
+    def __init__(self, vq, args, dev, amp, gen, fresh_codebook, ddp=None):
         self.vq, self.args, self.dev, self.amp, self.gen = vq, args, dev, amp, gen
+        self.ddp = ddp if ddp is not None else Dist("cpu")   # one process unless vq.py --gpus N
         self.codebook = vq.quantize.embedding.weight
         self.K = self.codebook.shape[0]
         self.usage = torch.full((self.K,), 1.0 / self.K, device=dev)
@@ -691,7 +699,9 @@ class Trainer:
         if not update:
             self.opt.zero_grad(set_to_none=True)
             return None
-        torch.nn.utils.clip_grad_norm_([p for p in self.vq.parameters() if p.grad is not None], GRAD_CLIP)
+        trainable = [p for p in self.vq.parameters() if p.requires_grad]
+        self.ddp.average_grads(trainable)
+        torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], GRAD_CLIP)
         self.opt.step()
         if self.disc is not None:
             d_loss = self.disc_step(x, y.detach(), lr)
@@ -702,8 +712,10 @@ class Trainer:
                 # Initialise the codebook from real latents instead of HF's random init.
                 pick = torch.randint(0, zn.shape[0], (K,), device=self.dev, generator=self.gen)
                 cb.data.copy_(zn[pick] + 0.01 * torch.randn(K, zn.shape[1], device=self.dev, generator=self.gen))
+                self.ddp.broadcast_([cb.data])
                 self.fresh_codebook = False
             counts = torch.zeros(K, device=self.dev).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float32))
+            self.ddp.mean_(counts)               # data parallel: every rank keeps the usage of all ranks' codes
             self.usage.mul_(USAGE_DECAY).add_(counts / codes.numel(), alpha=1 - USAGE_DECAY)
             if restart and not self.frozen:
                 # Dead codes (usage EMA < DEAD_FRAC of uniform) restart from this batch's latents,
@@ -714,6 +726,7 @@ class Trainer:
                 cb.data.copy_(torch.where(dead[:, None], fresh, cb.data))
                 self.usage.copy_(torch.where(dead, torch.full_like(self.usage, 1.0 / K), self.usage))
                 self.restarted += dead.sum()
+                self.ddp.broadcast_([cb.data, self.usage, self.restarted])   # rank 0's latents restart them
             # Keep the codebook parameter unit-norm (it ships that way; see module docstring).
             if not self.frozen:
                 cb.data.copy_(F.normalize(cb.data, dim=1))
@@ -737,6 +750,7 @@ class Trainer:
             d_loss = hinge_d_loss(self.disc(real), self.disc(fake))
         self.dopt.zero_grad(set_to_none=True)
         d_loss.backward()
+        self.ddp.average_grads(list(self.disc.parameters()))
         torch.nn.utils.clip_grad_norm_(self.disc.parameters(), GRAD_CLIP)
         self.dopt.step()
         return d_loss.detach()
@@ -840,9 +854,11 @@ def profile_mode(tr, pools, args, dev, log):
         log(f"[vq] profile: non-square {tuple(x.shape[-2:])} batch: {sec*1e3:.1f} ms/step")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
+    ap.add_argument("--gpus", type=int, default=1,
+                    help="data parallel over N GPUs of this host (N processes; gloo processes with --device cpu)")
     ap.add_argument("--seconds", type=float, default=SECONDS, help="training time budget (LR schedule follows it)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="unix time by which training must stop (the budget is cut to fit; for stage scripts)")
@@ -881,10 +897,16 @@ def main():
     ap.add_argument("--synthetic", action="store_true", help="with --profile: random images instead of RUN/data")
     ap.add_argument("--trace-steps", type=int, default=0, metavar="N",
                     help="print torch.profiler's top ops for N steps of the real run (after step 30)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        launch(main, args.gpus, sys.argv[1:] if argv is None else argv)
+        return
+    ddp = Dist(args.device)
+    if ddp.world > 1 and (args.profile or args.trace_steps or args.encode or args.memory_format == "auto"):
+        raise SystemExit("[vq] --gpus: --profile, --trace-steps, --encode and --memory-format auto run in one process")
 
-    torch.manual_seed(args.seed)
-    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)                 # the same initial weights on every rank
+    dev = ddp.device
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -898,7 +920,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
 
     def log(s):
-        print(s, flush=True)
+        if ddp.main:
+            print(s, flush=True)
 
     init_sd = None
     if args.init:
@@ -947,8 +970,11 @@ def main():
     set_train(vq, True)
     K = cfg["codebook_size"]
     gen = torch.Generator(device=dev)
-    gen.manual_seed(args.seed)
-    tr = Trainer(vq, args, dev, amp, gen, fresh_codebook=init_sd is None)
+    gen.manual_seed(args.seed + 1000 * ddp.rank)   # each rank its own draw of the images
+    if ddp.world > 1:
+        ddp.broadcast_([t for t in vq.state_dict().values() if t.is_floating_point()])
+        log(f"[vq] data parallel: {ddp.world} ranks ({dev.type}), {ddp.world}x the images per step")
+    tr = Trainer(vq, args, dev, amp, gen, fresh_codebook=init_sd is None, ddp=ddp)
     if args.profile:
         profile_mode(tr, pools, args, dev, log)
         return
@@ -972,12 +998,12 @@ def main():
     else:
         set_memory_format(vq, args.memory_format)
         tr.fmt = args.memory_format
-    if init_sd is not None:
+    if init_sd is not None and ddp.main:
         ev = evaluate(vq, held, 250, amp)
         log(f"[vq] start: held-out psnr {ev['psnr']:.2f} usage {ev['usage']:.3f} ppl {ev['perplexity']:.0f}")
 
     csv_path = os.path.join(out_dir, "vq_log.csv")
-    fcsv = open(csv_path, "w", newline="")
+    fcsv = open(csv_path if ddp.main else os.devnull, "w", newline="")
     wr = csv.writer(fcsv)
     wr.writerow(["step", "seconds", "images", "lr"] + LOSS_TERMS + ["restarted", "psnr", "usage", "perplexity"])
 
@@ -985,6 +1011,7 @@ def main():
     seconds = args.seconds
     if args.deadline is not None:
         seconds = max(10.0, min(seconds, args.deadline - t0))
+    clock = Clock(ddp, seconds)                  # data parallel: rank 0's clock, so the ranks stop together
     log(f"[vq] training for {seconds:.0f}s: lr {args.lr:g} (warm-up {args.warmup:.0%}, cosine to "
         f"{args.min_lr_frac:.0%}), batch {args.batch}, {'fast' if tr.fast else 'hf'} forward, layout {tr.fmt}, "
         f"edge weight {args.edge_weight:g}, decoder-only from {args.freeze_encoder_at:.0%}"
@@ -996,7 +1023,7 @@ def main():
     acc_n = 0
     traced = args.trace_steps <= 0
     while True:
-        frac = (time.time() - t0) / seconds
+        frac = clock.frac(step)
         if frac >= 1.0:
             break
         if not tr.frozen and frac >= args.freeze_encoder_at:
@@ -1018,10 +1045,10 @@ def main():
         acc += tr.step(tr.pixels(sample(step)), lr, restart=restart, adv=frac >= args.adv_start)
         acc_n += 1
         step += 1
-        images += args.batch
+        images += args.batch * ddp.world
         now = time.time()
-        do_eval = now - last_eval >= args.eval_every
-        if step % 50 == 0 or do_eval:
+        do_eval = ddp.main and now - last_eval >= args.eval_every
+        if ddp.main and (step % 50 == 0 or do_eval):
             a = (acc / max(acc_n, 1)).tolist()
             acc.zero_()
             acc_n = 0
@@ -1038,13 +1065,21 @@ def main():
                 + (f" adv {a[6]:.3f} (weight {a[8]:.3g}) disc {a[7]:.3f}" if tr.disc is not None else "")
                 + (f" | held-out psnr {row[-3]} usage {row[-2]} ppl {row[-1]}" if do_eval else ""))
     train_s = time.time() - t0
+    if ddp.world > 1:
+        log(f"[vq] ranks in step at the end: largest weight difference from rank 0 "
+            f"{ddp.same_params(list(vq.parameters())):.3g}")
+        if not ddp.main:
+            fcsv.close()
+            ddp.close()
+            return
     restarted_total = int(tr.restarted.item())
     log(f"[vq] trained {step} steps, {images} images in {train_s:.0f}s ({images / max(train_s, 1e-9):.0f} img/s)")
     finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcsv, log,
            dict(steps=step, images=images, seconds=train_s, restarted=restarted_total,
                 encode_gflop_128=enc_gf, decode_gflop_128=dec_gf, init=args.init, layout=tr.fmt,
                 fast_forward=tr.fast, edge_weight=args.edge_weight, freeze_encoder_at=args.freeze_encoder_at,
-                adv_weight=args.adv_weight, adv_start=args.adv_start))
+                adv_weight=args.adv_weight, adv_start=args.adv_start, gpus=ddp.world))
+    ddp.close()
 
 
 def finish(vq, cfg, args, dev, amp, held, views, square, nonsq, out_dir, wr, fcsv, log, summary):

@@ -7,12 +7,14 @@
 #   TRIAL_0="--grow-codebook 8192 ..." TRIAL_1="..." bash training/vq_trials.sh RUN [OUTDIR]
 #
 # Trial i runs `vq.py --run RUN/trial_i --init ROOT --seconds VQ_SECONDS $TRIAL_i` on GPU i
-# (CUDA_VISIBLE_DEVICES=i); RUN/trial_i/data links to RUN/data. OUTDIR gets, per trial,
+# (CUDA_VISIBLE_DEVICES=i); with GPUS_PER_TRIAL=g, on GPUs i*g .. i*g+g-1, data parallel
+# (`vq.py --gpus g`: one trial on both GPUs of two is TRIAL_0 with GPUS_PER_TRIAL=2).
+# RUN/trial_i/data links to RUN/data. OUTDIR gets, per trial,
 # trial_i.safetensors (the VQ, as stage A's vq.safetensors) and trial_i.tar (vq_log.csv,
 # summary.json, recon.png, console.log), and vq_trials.log: 2 files per trial, so at most 3
 # trials fit the 8 files that one call brings back.
 # Environment: ROOT (default .), BUDGET (540), RESERVE (120: loading, final checks, copying),
-# VQ_MAX (420), PY, WORLD, PROCS, DATA_ARGS, TRIAL_0 .. TRIAL_3.
+# VQ_MAX (420), PY, WORLD, PROCS, DATA_ARGS, GPUS_PER_TRIAL (1), TRIAL_0 .. TRIAL_3.
 set -euo pipefail
 RUN=${1:?usage: bash training/vq_trials.sh RUN [OUTDIR]}
 OUTDIR=${2:-${OUT:?set OUT or pass OUTDIR}}
@@ -23,6 +25,7 @@ VQ_MAX=${VQ_MAX:-420}
 PY=${PY:-python3}
 WORLD=${WORLD:-target/release/tessera}
 PROCS=${PROCS:-16}
+G=${GPUS_PER_TRIAL:-1}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 mkdir -p "$RUN" "$OUTDIR"
@@ -61,9 +64,12 @@ trap pack EXIT
     d="$RUN/trial_$i"
     mkdir -p "$d"
     ln -sfn "$RUN/data" "$d/data"
-    echo "[trials] trial $i on GPU $i: ${!v}"
+    gpus=$(seq -s, $((i * G)) $((i * G + G - 1)))
+    par=""
+    [ "$G" -gt 1 ] && par="--gpus $G"
+    echo "[trials] trial $i on GPU $gpus: ${!v} $par"
     # shellcheck disable=SC2086
-    CUDA_VISIBLE_DEVICES=$i $PY training/vq.py --run "$d" --init "$ROOT" --seconds "$VQ_SECONDS" ${!v} \
+    CUDA_VISIBLE_DEVICES=$gpus $PY training/vq.py --run "$d" --init "$ROOT" --seconds "$VQ_SECONDS" ${!v} $par \
       > "$d/console.log" 2>&1 &
     pids+=($!)
   done
