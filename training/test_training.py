@@ -529,13 +529,25 @@ def test_parallel_encode_equals_one_process():
             assert got[1][s][1] == got[2][s][1] and got[1][s][1][5] == "two blue stars 1 0"
 
 
+def _two_ranks(script, *args):
+    """training/SCRIPT --gpus 2 ARGS on the CPU (two gloo ranks); checks that it ran data parallel
+    and that the ranks ended with equal weights; returns its output."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, os.path.join(here, script), "--gpus", "2", *args], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "data parallel: 2 ranks" in out, out[-3000:]
+    assert "largest weight difference from rank 0 0\n" in out, out[-3000:]
+    return out
+
+
 def test_data_parallel_ranks_stay_in_step():
     """lm.py --gpus 2 on the CPU (two gloo ranks): the ranks average their gradients, agree on
     every step's learning rate and the last step, end with equal weights, and rank 0 writes the
     checkpoint; the loss falls."""
-    import subprocess
     import tempfile
-    here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as d:
         _fake_run(d, n_shards=2, per_shard=40)
         tok = _tokenizer()
@@ -549,16 +561,10 @@ def test_data_parallel_ranks_stay_in_step():
             np.save(os.path.join(codes, f"{split}.npy"),
                     np.broadcast_to(first.reshape(-1, *[1] * (len(shape) - 1)) * 5, shape).astype(np.int16))
             json.dump([["red", "blue", "green", "yellow"][k] + " thing" for k in first], open(os.path.join(codes, f"{split}.texts.json"), "w"))
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        r = subprocess.run([sys.executable, os.path.join(here, "lm.py"), "--gpus", "2", "--run", d, "--tiny", "--device", "cpu", "--steps", "150",
-                            "--no-amp", "--lr", "3e-3", "--eval-every", "1000", "--bucket-batch", "t2i_16x16=4",
-                            "--bucket-batch", "t2i_12x20=1", "--bucket-batch", "t2i_20x12=1", "--bucket-batch", "edit_16x16=2",
-                            "--ema", "0.9"],
-                           capture_output=True, text=True, timeout=600, env=env)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-3000:]
-        assert "data parallel: 2 ranks" in out, out[-3000:]
-        assert "largest weight difference from rank 0 0\n" in out, out[-3000:]
+        out = _two_ranks("lm.py", "--run", d, "--tiny", "--device", "cpu", "--steps", "150",
+                         "--no-amp", "--lr", "3e-3", "--eval-every", "1000", "--bucket-batch", "t2i_16x16=4",
+                         "--bucket-batch", "t2i_12x20=1", "--bucket-batch", "t2i_20x12=1", "--bucket-batch", "edit_16x16=2",
+                         "--ema", "0.9")
         assert os.path.exists(os.path.join(d, "lm", "lm.safetensors")) and os.path.exists(os.path.join(d, "lm", "lm_last.safetensors"))
         rows = [line.split(",") for line in open(os.path.join(d, "lm", "lm_log.csv")).read().splitlines()[1:]]
         losses = [float(row[4]) for row in rows if row[3] != "final" and row[4]]
@@ -636,9 +642,7 @@ def test_vq_data_parallel_restarts_keep_one_codebook():
 def test_vq_gpus_2_trains_in_step_and_writes_once():
     """vq.py --gpus 2 end to end on the CPU (two gloo ranks): the ranks stop at the same step with
     equal weights, rank 0 alone logs and writes the VQ and its log."""
-    import subprocess
     import tempfile
-    here = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory() as d:
         _fake_run(d, n_shards=2, per_shard=8)
         h = os.path.join(d, "data", "heldout", "shard_000")
@@ -648,15 +652,8 @@ def test_vq_gpus_2_trains_in_step_and_writes_once():
             f.writelines('{"task": "t2i", "caption": "a red circle"}\n' for _ in range(8))
         open(os.path.join(d, "data", "heldout", "DONE"), "w").close()
         os.remove(os.path.join(d, "tokenizer", "tokenizer.json"))     # not a VQ run's tokenizer
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        r = subprocess.run([sys.executable, os.path.join(here, "vq.py"), "--gpus", "2", "--run", d, "--tiny",
-                            "--device", "cpu", "--seconds", "6", "--batch", "2", "--no-amp", "--eval-every", "1000",
-                            "--freeze-encoder-at", "0.5"],
-                           capture_output=True, text=True, timeout=600, env=env)
-        out = r.stdout + r.stderr
-        assert r.returncode == 0, out[-3000:]
-        assert "data parallel: 2 ranks" in out, out[-3000:]
-        assert "largest weight difference from rank 0 0\n" in out, out[-3000:]
+        out = _two_ranks("vq.py", "--run", d, "--tiny", "--device", "cpu", "--seconds", "6", "--batch", "2",
+                         "--no-amp", "--eval-every", "1000", "--freeze-encoder-at", "0.5")
         assert out.count("[vq] trained") == 1 and out.count("decoder-only from here") == 1, out[-3000:]
         assert os.path.exists(os.path.join(d, "vq", "vq.safetensors"))
         rows = open(os.path.join(d, "vq", "vq_log.csv")).read().splitlines()
