@@ -18,7 +18,8 @@
   ranks' weights equal and learns; vq.py --gpus 2 averages to the one-process gradient, keeps one
   codebook through restarts, and stops its ranks together;
 - a tied head (tie_word_embeddings) saves, exports (once, no lm_head tensor) and warm-starts;
-- a grown codebook (vq.py --grow-codebook) and grow_codes.py keep the LM's function and its ids.
+- a grown codebook (vq.py --grow-codebook) and grow_codes.py keep the LM's function and its ids;
+- deeper res blocks (vq.py --grow-res-blocks) keep the VQ's codes and pixels, and the new blocks learn.
 """
 
 import os
@@ -776,6 +777,39 @@ def test_grown_codebook_keeps_the_lm_and_appends_ids():
             child = new_lm(torch.tensor([[sp["bos"], 5, 9, v0 + 64 + 3, v0 + 63, sp["eol"]]])).logits
         assert torch.allclose(child, new_logits, atol=1e-5)   # code 67 is a copy of code 3
         _script("export.py", "--run", grun, "--out", os.path.join(d, "root8"), "--device", "cpu")
+
+
+def test_grown_res_blocks_keep_the_vq_and_learn():
+    """vq.grow_res_blocks: every encoder level, decoder level and temporal stack gets a block that
+    starts as the identity, so the grown VQ encodes to the same codes and decodes to the same
+    pixels; the old tensors keep their names and values, and the new blocks get gradients."""
+    torch.manual_seed(3)
+    vq = vqlib.build_vq(CFG, "cpu")
+    vqlib.set_train(vq, False)
+    sd = {k: v.detach().clone() for k, v in vq.state_dict().items()}
+    n0 = CFG["num_res_blocks"]
+    grown_sd, cfg = vqlib.grow_res_blocks(sd, CFG, n0 + 1)
+    assert cfg["num_res_blocks"] == n0 + 1 and CFG["num_res_blocks"] == n0
+    assert all(torch.equal(grown_sd[k], v) for k, v in sd.items())
+    new = sorted(set(grown_sd) - set(sd))
+    assert any(k.startswith(f"encoder.down_block.down.3.block.{n0}.") for k in new)
+    assert any(k.startswith(f"decoder.up_block.up.0.block.{n0 + 1}.") for k in new)
+    assert any(k.startswith(f"decoder.time_res_stack.{n0}.") for k in new)
+    big = vqlib.build_vq(cfg, "cpu")
+    big.load_state_dict(grown_sd, strict=True)
+    vqlib.set_train(big, False)
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        codes = vqlib.encode_codes(vq, x)
+        assert torch.equal(vqlib.encode_codes(big, x), codes)
+        assert torch.allclose(big.decode(codes), vq.decode(codes), atol=1e-5)
+    vqlib.set_train(big, True)
+    y = vqlib.fast_decode_latents(big, vqlib.fast_encode_latents(big, x))
+    y.square().mean().backward()
+    blk = big.decoder.up_block.up[0].block[n0 + 1]
+    assert blk.conv2.weight.grad.abs().sum() > 0 and blk.conv2.weight.abs().sum() == 0
+    assert big.encoder.down_block.down[3].block[n0].conv2.weight.grad.abs().sum() > 0
+
 
 
 if __name__ == "__main__":

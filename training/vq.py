@@ -31,7 +31,10 @@ Warm start (`--init ROOT`): continues from the VQ shipped in ROOT/weights (or a 
 instead of a fresh one; the config comes from the checkpoint, the codebook is not re-initialised.
 `--grow-codebook K2` (with --init) splits the codebook to K2 codes: the new codes are noisy copies
 of the old ones (code K+i starts at code i % K), so the model starts as it was and training
-separates each pair (`grow_codebook`). `--freeze-encoder-at F` trains only the decoder (encoder, quant_conv and codebook fixed, so the
+separates each pair (`grow_codebook`). `--grow-res-blocks N` (with --init) deepens the encoder
+and the decoder to N res blocks per level, the new blocks starting as the identity, so the VQ
+starts as it was with more decoder to spend on letters and corners (`grow_res_blocks`).
+`--freeze-encoder-at F` trains only the decoder (encoder, quant_conv and codebook fixed, so the
 codes stop moving) from the time fraction F on; F = 0 is a decoder-only session.
 
 Data parallel (`--gpus N`, training/ddp.py, as `lm.py --gpus N`): every rank draws its own
@@ -55,6 +58,7 @@ import csv
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -432,6 +436,39 @@ def grow_codebook(cb, k2, seed=0, noise=0.01):
     parents = torch.arange(k2 - k) % k
     extra = F.normalize(cb[parents] + noise * torch.randn(k2 - k, d, generator=g), dim=1)
     return torch.cat([cb, extra.to(cb.dtype)])
+
+
+def grow_res_blocks(sd, cfg, n):
+    """A warm-start state_dict and config with `num_res_blocks` raised to n (function-preserving
+    growth, as lm.grow_layers for the LM). `num_res_blocks` sets the depth of every level of the
+    encoder (n blocks) and the decoder (n + 1) and of both temporal res stacks, so each of those
+    groups gets new blocks after its old ones. A new block copies its group's last old block, with
+    conv2 (weight and bias) zeroed: every res block is `x + conv2(...)`, so it starts as the
+    identity and the grown VQ computes exactly the old function (the same codes, the same
+    pixels) until training moves it. The old tensors keep their names; only new names appear."""
+    n0 = cfg["num_res_blocks"]
+    assert n >= n0, f"--grow-res-blocks {n} is smaller than num_res_blocks ({n0})"
+    if n == n0:
+        return sd, cfg
+    cfg = dict(cfg, num_res_blocks=n)
+    fresh = build_vq(cfg, "cpu").state_dict()
+    unexpected = sorted(set(sd) - set(fresh))
+    assert not unexpected, f"grow_res_blocks: tensors the grown VQ lacks: {unexpected[:5]}"
+    out = {}
+    for k, v in fresh.items():
+        if k in sd:
+            out[k] = sd[k]
+            continue
+        m = re.fullmatch(r"(.*\.(?:block|time_res_stack)\.)(\d+)\.(.*)", k)
+        assert m, f"grow_res_blocks: {k} is not part of a res block"
+        group, rest = m.group(1), m.group(3)
+        last = max(int(re.match(r"\d+", q[len(group):]).group()) for q in sd if q.startswith(group))
+        src = f"{group}{last}.{rest}"
+        t = sd[src].clone() if src in sd and sd[src].shape == v.shape else v.clone()
+        if rest.startswith("conv2."):
+            t.zero_()
+        out[k] = t
+    return out, cfg
 
 
 def param_count(m):
@@ -871,6 +908,9 @@ def main(argv=None):
                     help="warm start from a shipped model (ROOT with weights/, a weights dir) or RUN/vq/vq.safetensors")
     ap.add_argument("--grow-codebook", type=int, default=0, metavar="K2",
                     help="with --init: split the codebook into K2 codes (grow_codebook)")
+    ap.add_argument("--grow-res-blocks", type=int, default=0, metavar="N",
+                    help="with --init: deepen every level to N res blocks (N + 1 in the decoder), the new "
+                         "ones starting as the identity (grow_res_blocks)")
     ap.add_argument("--freeze-encoder-at", type=float, default=1.0, metavar="FRAC",
                     help="train only the decoder from this time fraction on (0: decoder-only; 1: never)")
     ap.add_argument("--edge-weight", type=float, default=0.0,
@@ -935,8 +975,13 @@ def main(argv=None):
             init_sd[key] = grow_codebook(init_sd[key], args.grow_codebook, args.seed)
             cfg["codebook_size"] = args.grow_codebook
             log(f"[vq] --grow-codebook: {k0} -> {args.grow_codebook} codes (noisy copies of the old ones)")
-    elif args.grow_codebook:
-        raise SystemExit("[vq] --grow-codebook needs --init (it splits a trained codebook)")
+        if args.grow_res_blocks:
+            n0 = cfg["num_res_blocks"]
+            init_sd, cfg = grow_res_blocks(init_sd, cfg, args.grow_res_blocks)
+            log(f"[vq] --grow-res-blocks: {n0} -> {cfg['num_res_blocks']} res blocks per level "
+                f"(new blocks start as the identity)")
+    elif args.grow_codebook or args.grow_res_blocks:
+        raise SystemExit("[vq] --grow-codebook and --grow-res-blocks need --init (they grow a trained VQ)")
     else:
         cfg = dict(TINY_VQ_CONFIG if args.tiny else VQ_CONFIG)
         if args.config:
