@@ -34,10 +34,12 @@ pub fn shipped_model_dir() -> PathBuf {
 
 impl ModelFiles {
     /// `spec` is a checkpoint directory, a root in the shipped layout (`weights/` +
-    /// `tokenizer/`), a Hugging Face repo id (`owner/name`), or `None` for the shipped default model.
+    /// `tokenizer/`), a Hugging Face repo id (`owner/name`), or `None` (or `"default"`, the name
+    /// images record for it, unless a directory of that name exists) for the shipped default model.
     pub fn resolve(spec: Option<&str>) -> Result<Self> {
         match spec {
             None => Self::shipped(&shipped_model_dir()),
+            Some("default") if !Path::new("default").exists() => Self::shipped(&shipped_model_dir()),
             Some(s) => {
                 let path = Path::new(s);
                 if path.exists() && !path.join("config.json").exists() && path.join("weights").join("config.json").is_file() {

@@ -342,6 +342,8 @@ fn the_shipped_model_is_the_default() {
     assert_eq!((img.width(), img.height()), (128, 128));
     assert_eq!(tessera::metadata::ImageRecord::read_png(&out).unwrap().model, "default");
     tessera().args(["info"]).assert().success().stdout(predicate::str::contains("128x128 px (16x16 tokens)"));
+    // "default", the name images record for it, names it too (as in `eval --model default`).
+    tessera().args(["info", "--model", "default"]).assert().success().stdout(predicate::str::contains("128x128 px (16x16 tokens)"));
     // A folder in the shipped layout (weights/ + tokenizer/, what training exports) is a model too.
     tessera()
         .args(["info", "--model", env!("CARGO_MANIFEST_DIR")])

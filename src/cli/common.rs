@@ -11,7 +11,7 @@ use tessera::text::linear::CpuWeights;
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Checkpoint: a transformers Emu3 directory, a Hugging Face repo id (owner/name), or
-    /// nothing for the model shipped with Tessera.
+    /// nothing (or "default") for the model shipped with Tessera.
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: Option<String>,
 
