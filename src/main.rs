@@ -16,6 +16,14 @@ fn main() -> ExitCode {
         // SAFETY: the first statement of main, before any other thread exists.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000") };
     }
+    // Output piped into a reader that stops early (`tessera eval --compare A B | head`) ends the
+    // process quietly, as `cat` does, instead of Rust's default: ignore SIGPIPE, then panic on
+    // the failed print.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => code,

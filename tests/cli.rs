@@ -165,6 +165,25 @@ fn info_tokenize_reconstruct() {
     assert_eq!(image::open(&rec).unwrap().width(), 10);
 }
 
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // The read end is closed before the binary starts, so its first print fails for certain.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(assert_cmd::cargo::cargo_bin("tessera"))
+        .env_remove("TESSERA_MODEL")
+        .args(["info", "--model", &model()])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.is_empty(), "expected no output on stderr, got:\n{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(13), "expected SIGPIPE, got {:?}", out.status);
+}
+
 #[test]
 fn batch_resumes_after_a_kill_with_every_image_once() {
     let dir = tempfile::tempdir().unwrap();
